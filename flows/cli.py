@@ -1,0 +1,112 @@
+"""`posttrain` command line: run a recipe, print the per-stage table, write a JSON summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _prepare_environment() -> Path:
+    """State folder and library settings; must run before Prefect, MLflow or transformers are imported."""
+    home = Path(os.environ.setdefault("POSTTRAIN_HOME", ".posttrain")).expanduser().resolve()
+    os.environ["POSTTRAIN_HOME"] = str(home)
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The first start of the local server migrates its SQLite database: slow on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    return home
+
+
+def _setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log = logging.getLogger("posttrain")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def print_summary(summary: dict, home: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=False)
+    table = Table(title="posttrain stages")
+    for column in ("stage", "status", "seconds", "headline metrics"):
+        table.add_column(column)
+    colors = {"completed": "green", "cached": "cyan", "failed": "red"}
+    for stage in summary["stages"]:
+        headline = ", ".join(f"{k}={v:.3g}" for k, v in _headline(stage).items())
+        table.add_row(stage["name"], f"[{colors[stage['status']]}]{stage['status']}", f"{stage['seconds']:.1f}",
+                      headline or stage.get("error", "")[:120])
+    console.print(table)
+    console.print(f"MLflow parent run: {summary['mlflow_run_id']}   Prefect flow run: {summary['flow_run_id']}")
+    uri = summary.get("tracking_uri", "")
+    if uri.startswith("sqlite:"):
+        console.print(f"Open the MLflow UI:  mlflow ui --backend-store-uri {uri}")
+    elif uri:
+        console.print(f"MLflow UI: {uri}")
+
+
+_HEADLINES = {
+    "prepare_data": ("sft/train_rows", "preference/train_rows", "eval/test_rows"),
+    "pretrain": ("train/final_loss",),
+    "sft": ("train/final_loss", "eval/loss"),
+    "reward": ("pairwise_accuracy",),
+    "align": ("train/final_loss",),
+    "evaluate": ("base/task_accuracy", "sft/task_accuracy", "policy/task_accuracy", "policy/win_rate_vs_sft",
+                 "policy/kl_to_sft"),
+}
+
+
+def _headline(stage: dict) -> dict[str, float]:
+    return {k: stage["metrics"][k] for k in _HEADLINES.get(stage["name"], ()) if k in stage["metrics"]}
+
+
+def cmd_run(args) -> int:
+    home = _prepare_environment()
+    _setup_logging()
+    from flows.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.set or [])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from flows.pipeline import PipelineFailed, post_training_pipeline
+
+    try:
+        summary = post_training_pipeline(config=config)
+        code = 0
+    except PipelineFailed as e:
+        summary, code = e.summary, 1
+        print(f"error: {e}", file=sys.stderr)
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
+    print_summary(summary, home)
+    ok = all(s["status"] in ("completed", "cached") for s in summary["stages"])
+    return code if code else (0 if ok else 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="posttrain", description="LLM post-training as a cached Prefect flow.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a recipe end to end (default: configs/demo.yaml)")
+    run.add_argument("--config", help="YAML recipe (default: configs/demo.yaml)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. align.beta=0.2")
+    run.add_argument("--summary-json", metavar="PATH", help="write the run summary as JSON")
+    run.set_defaults(func=cmd_run)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The pipeline's parent MLflow run and its Prefect artifacts: opened before the stages, closed after."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from flows.config import PipelineConfig
+from tasks import tracking
+from tasks.cachekeys import library_versions
+from tasks.stage import RunEnv
+from tasks.store import state_home
+
+SOURCE_DIR = Path(__file__).resolve().parent.parent
+
+
+def git_commit() -> tuple[str, bool]:
+    """(commit, dirty) of the source tree, or ('unknown', False) outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=SOURCE_DIR, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=SOURCE_DIR,
+                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
+        return commit, dirty
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+
+
+def _flow_run_id() -> str:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id or "")
+
+
+def _artifact_location(tracking_uri: str) -> str | None:
+    """Local SQLite stores keep run artifacts in the state folder rather than ./mlruns."""
+    if tracking_uri.startswith("sqlite:"):
+        return (state_home() / "mlartifacts").as_uri()
+    return None
+
+
+def open_pipeline_run(cfg: PipelineConfig) -> dict:
+    """Create the parent run (params, resolved config, versions, commit) and return the stages' RunEnv."""
+    uri = cfg.tracking.uri
+    experiment_id = _experiment(uri, cfg.tracking.experiment)
+    commit, dirty = git_commit()
+    versions = {**library_versions(), "python": platform.python_version(),
+                **{name: _version(name) for name in ("prefect", "mlflow", "posttrain")}}
+    tags = {
+        "posttrain.kind": "pipeline",
+        "mlflow.source.git.commit": commit,
+        "posttrain.git_dirty": dirty,
+        "prefect.flow_run_id": _flow_run_id(),
+        "posttrain.command": " ".join(sys.argv)[:500],
+        **{f"posttrain.version.{k}": v for k, v in versions.items()},
+    }
+    run_id = tracking.start_run(uri, experiment_id, cfg.name, tags)
+    resolved = cfg.model_dump(mode="json")
+    tracking.log_params(uri, run_id, tracking.flatten(resolved))
+    tracking.log_text(uri, run_id, yaml.safe_dump(resolved, sort_keys=False), "config/resolved.yaml")
+    tracking.log_dict(uri, run_id, versions, "config/versions.json")
+    env = RunEnv(storage_root=cfg.storage.root, tracking_uri=uri, experiment_id=experiment_id,
+                 parent_run_id=run_id, trust_remote_code=cfg.model.trust_remote_code,
+                 log_model_max_mb=cfg.tracking.log_model_max_mb)
+    return env.to_dict()
+
+
+def _experiment(uri: str, name: str) -> str:
+    c = tracking.client(uri)
+    found = c.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return c.create_experiment(name, artifact_location=_artifact_location(uri))
+    except Exception:  # another run created it first
+        return c.get_experiment_by_name(name).experiment_id
+
+
+def _version(name: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def summary_metrics(stages: list[dict]) -> dict[str, float]:
+    """Every stage's metrics under the stage's name; evaluate's are already named base/, sft/, policy/."""
+    merged = {}
+    for stage in stages:
+        for key, value in stage["metrics"].items():
+            merged[key if stage["name"] == "evaluate" else f"{stage['name']}/{key}"] = value
+    return merged
+
+
+def close_pipeline_run(cfg: PipelineConfig, env: dict, stages: list[dict], error: BaseException | None) -> dict:
+    uri, run_id = env["tracking_uri"], env["parent_run_id"]
+    summary = {
+        "mlflow_run_id": run_id,
+        "flow_run_id": _flow_run_id(),
+        "stages": stages,
+        "metrics": summary_metrics(stages),
+        "tracking_uri": uri,
+        "experiment_id": env["experiment_id"],
+        "storage_root": cfg.storage.root,
+    }
+    tracking.log_metrics(uri, run_id, summary["metrics"])
+    tracking.set_tags(uri, run_id, {f"posttrain.cache_key.{s['name']}": s["cache_key"] for s in stages
+                                    if s["cache_key"]})
+    tracking.set_tags(uri, run_id, {f"posttrain.status.{s['name']}": s["status"] for s in stages})
+    tracking.log_dict(uri, run_id, summary, "summary.json")
+    publish_prefect_summary(summary)
+    tracking.end_run(uri, run_id, failed=error is not None, error=None if error is None else str(error))
+    return summary
+
+
+def publish_prefect_summary(summary: dict) -> None:
+    """A table of stages and a markdown report with links, shown on the flow run's Artifacts tab."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    rows = [{"stage": s["name"], "status": s["status"], "seconds": s["seconds"],
+             "mlflow_run": s["mlflow_run_id"], "output": s["output_uri"],
+             **{k: round(v, 4) for k, v in list(s["metrics"].items())[:6]}} for s in summary["stages"]]
+    create_table_artifact(key="posttrain-stages", table=rows, description="Stages, cache status and metrics")
+    base = summary["tracking_uri"]
+    link = (lambda r: f"[{r}]({base.rstrip('/')}/#/experiments/{summary['experiment_id']}/runs/{r})") if base.startswith("http") else str
+    lines = ["# posttrain run", "", f"MLflow parent run: {link(summary['mlflow_run_id'])}", "",
+             "| stage | status | seconds | MLflow run | output |", "|---|---|---|---|---|"]
+    for s in summary["stages"]:
+        lines.append(f"| {s['name']} | {s['status']} | {s['seconds']:.1f} | "
+                     f"{link(s['mlflow_run_id']) if s['mlflow_run_id'] else '-'} | {s['output_uri'] or '-'} |")
+    lines += ["", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" for k, v in sorted(summary["metrics"].items())]
+    create_markdown_artifact(key="posttrain-report", markdown="\n".join(lines), description="posttrain run report")

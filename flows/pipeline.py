@@ -1,0 +1,115 @@
+"""The post-training flow: data -> (pretrain) -> SFT -> reward model -> alignment -> evaluation.
+
+Orchestration only. Each stage is a cached Prefect task from tasks/; stages hand each other
+references (URI + digest). A stage that comes from cache still gets its MLflow child run.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger
+
+from flows.config import PipelineConfig, load_config
+from flows.lineage import close_pipeline_run, open_pipeline_run
+from tasks.align import align_task
+from tasks.data import prepare_data_task, source_refs
+from tasks.evaluate import evaluate_task
+from tasks.modeling import resolve_base_model
+from tasks.pretrain import pretrain_task
+from tasks.reward import reward_task
+from tasks.sft import sft_task
+from tasks.stage import record_cached_stage
+from tasks.store import ArtifactStore, Ref
+
+
+class PipelineFailed(RuntimeError):
+    """A stage failed; `summary` holds what ran up to and including the failure."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
+class _Runner:
+    """Runs stage tasks in order, keeping the per-stage outcomes for the summary."""
+
+    def __init__(self, cfg: PipelineConfig, env: dict):
+        self.cfg, self.env = cfg, env
+        self.store = ArtifactStore(cfg.storage.root)
+        self.outcomes: list[dict] = []
+        self.result_storage = _result_storage(cfg.storage.root)
+
+    def __call__(self, task, config, inputs: dict[str, dict]) -> dict:
+        params = dict(config=config.model_dump(mode="json"), inputs=inputs, seed=self.cfg.seed, env=self.env)
+        task = task.with_options(result_storage=self.result_storage)
+        started = time.monotonic()
+        state = task(**params, return_state=True)
+        cached = state.name == "Cached"
+        if cached and not self.store.exists(Ref.from_dict(state.result()["output"])):
+            get_run_logger().warning("%s: cached output is gone from the store; recomputing", task.name)
+            state = task.with_options(refresh_cache=True)(**params, return_state=True)
+            cached = False
+        seconds = time.monotonic() - started
+        if state.is_failed():
+            self.outcomes.append({"name": task.name, "status": "failed", "cache_key": None, "output_uri": None,
+                                  "mlflow_run_id": None, "seconds": round(seconds, 3), "metrics": {},
+                                  "error": str(state.message)})
+            raise PipelineFailed(f"stage {task.name} failed: {state.message}", {"stages": self.outcomes})
+        result = state.result()
+        run_id = record_cached_stage(result, self.env) if cached else result["mlflow_run_id"]
+        self.outcomes.append({
+            "name": task.name,
+            "status": "cached" if cached or result.get("reused") else "completed",
+            "cache_key": result["cache_key"],
+            "output_uri": result["output"]["uri"],
+            "output_digest": result["output"]["digest"],
+            "mlflow_run_id": run_id,
+            "seconds": round(seconds, 3),
+            "metrics": result["metrics"],
+        })
+        return result["output"]
+
+
+def _result_storage(storage_root: str):
+    """Prefect results (the small stage records that make caching work) live beside the artifacts.
+
+    A remote root needs a saved storage block; it holds only the base path, never credentials (s3fs
+    reads those from the standard AWS environment)."""
+    import hashlib
+    from pathlib import Path
+
+    from prefect.filesystems import RemoteFileSystem
+
+    path = f"{storage_root.rstrip('/')}/prefect-results"
+    if "://" not in storage_root:
+        return Path(path)
+    block = RemoteFileSystem(basepath=path)
+    block.save(f"posttrain-results-{hashlib.sha256(path.encode()).hexdigest()[:12]}", overwrite=True)
+    return block
+
+
+@flow(name="posttrain")
+def post_training_pipeline(config: PipelineConfig | None = None) -> dict:
+    """Run every post-training stage of one recipe (default: configs/demo.yaml); returns the run summary."""
+    cfg = (config or load_config()).resolved()
+    env = open_pipeline_run(cfg)
+    run = _Runner(cfg, env)
+    error: BaseException | None = None
+    try:
+        data = run(prepare_data_task, cfg.data, source_refs(cfg.data))
+        if cfg.pretrain.enabled:
+            base = run(pretrain_task, cfg.pretrain, {})
+        else:
+            base = resolve_base_model(cfg.model.base)
+        sft = run(sft_task, cfg.sft, {"data": data, "base": base})
+        reward = run(reward_task, cfg.reward, {"data": data, "init": sft})
+        align_inputs = {"data": data, "sft": sft, **({"reward": reward} if cfg.align.method == "rlhf" else {})}
+        policy = run(align_task, cfg.align, align_inputs)
+        run(evaluate_task, cfg.evaluate, {"data": data, "base": base, "sft": sft, "policy": policy, "reward": reward})
+    except BaseException as exc:
+        error = exc
+    summary = close_pipeline_run(cfg, env, run.outcomes, error)
+    if error is not None:
+        raise PipelineFailed(str(error), summary) from error
+    return summary

@@ -1,0 +1,86 @@
+"""`reward` stage: a reward model trained with TRL's RewardTrainer on preference pairs."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from pydantic import Field
+
+from tasks.training import Section, TrainingSettings
+
+
+class RewardStageConfig(Section):
+    training: TrainingSettings = Field(
+        default_factory=lambda: TrainingSettings(learning_rate=1e-3, epochs=4, batch_size=32),
+        description="Hyperparameters of the reward-model run.",
+    )
+    center_rewards_coefficient: float | None = Field(
+        0.01, description="Pull the mean reward towards 0 (TRL's center_rewards_coefficient); null to disable."
+    )
+
+
+def train_reward(cfg: RewardStageConfig, data: Path, init: Path, out: Path, seed: int, callbacks=(),
+                 trust_remote_code: bool = False) -> dict[str, float]:
+    """Train a sequence-classification reward model from `init` on data/preference; report held-out accuracy."""
+    from trl import RewardConfig, RewardTrainer
+
+    from tasks.data import load_split
+    from tasks.modeling import load_reward_model, load_tokenizer, save_model
+    from tasks.training import final_train_metrics, peft_config, seed_everything, trainer_kwargs
+
+    seed_everything(seed)
+    train, held_out = load_split(data, "preference", "train"), load_split(data, "preference", "eval")
+    if train is None:
+        raise ValueError("reward: the prepared data has no preference/train split; set data.preference")
+    tokenizer = load_tokenizer(init, trust_remote_code)
+    model = load_reward_model(init, trust_remote_code)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    with tempfile.TemporaryDirectory() as scratch:
+        args = RewardConfig(
+            **trainer_kwargs(cfg.training, Path(scratch), seed),
+            max_length=cfg.training.max_length,
+            center_rewards_coefficient=cfg.center_rewards_coefficient,
+        )
+        trainer = RewardTrainer(
+            model=model, args=args, train_dataset=train, processing_class=tokenizer,
+            peft_config=peft_config(cfg.training.lora, task_type="SEQ_CLS"), callbacks=list(callbacks),
+        )
+        trainer.train()
+        metrics = final_train_metrics(trainer)
+    if held_out is not None:
+        metrics.update(pairwise_accuracy(trainer.model, tokenizer, held_out))
+    save_model(trainer.model, tokenizer, out)
+    return metrics
+
+
+def pairwise_accuracy(model, tokenizer, pairs) -> dict[str, float]:
+    """Share of held-out pairs where the chosen reply outscores the rejected one, and the mean margin."""
+    from tasks.generation import reward_scores
+
+    prompts = list(pairs["prompt"])
+    chosen = reward_scores(model, tokenizer, prompts, [c[-1]["content"] for c in pairs["chosen"]])
+    rejected = reward_scores(model, tokenizer, prompts, [r[-1]["content"] for r in pairs["rejected"]])
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    return {
+        "pairwise_accuracy": sum(m > 0 for m in margins) / len(margins),
+        "eval/margin": sum(margins) / len(margins),
+        "eval/pairs": float(len(margins)),
+    }
+
+
+def _work(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:
+    from tasks.sft import log_training_split
+
+    log_training_split(ctx, inputs["data"], "preference")
+    return train_reward(RewardStageConfig(**config), inputs["data"], inputs["init"], out, ctx.seed,
+                        ctx.callbacks("reward"), ctx.env.trust_remote_code)
+
+
+def _stage_task():
+    from tasks.stage import stage_task
+
+    return stage_task("reward", _work)
+
+
+reward_task = _stage_task()

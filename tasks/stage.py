@@ -1,0 +1,168 @@
+"""The part every stage's thin Prefect task shares: cache key, inputs, atomic output, MLflow child run.
+
+A stage task is `stage_task(name, work)`, where `work(config, inputs, out, ctx) -> metrics` receives
+its inputs as local folders and writes its output into `out`. Everything else is here:
+
+* the cache key (tasks.cachekeys) doubles as Prefect's cache key and as the output's folder name, so
+  a run with the same key anywhere reuses the output and Prefect shows the task as Cached;
+* inputs arrive as references (URI + digest) and are materialized and verified locally;
+* the output is committed atomically (tasks.store);
+* the stage gets its own MLflow child run under the pipeline's parent run: FINISHED with its metrics,
+  or FAILED with the error.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from tasks import tracking
+from tasks.cachekeys import stage_cache_key
+from tasks.store import ArtifactStore, Ref
+
+logger = logging.getLogger("posttrain")
+
+
+@dataclass
+class RunEnv:
+    """Where a pipeline run keeps things. Not part of any cache key."""
+
+    storage_root: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    trust_remote_code: bool = False
+    log_model_max_mb: float = 500.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class StageContext:
+    """What a stage's work function may use besides its config, inputs and output folder."""
+
+    seed: int
+    env: RunEnv
+    run_id: str
+    input_refs: dict[str, Ref] = field(default_factory=dict)
+
+    def log_step(self, metrics: dict[str, float], step: int) -> None:
+        tracking.log_metrics(self.env.tracking_uri, self.run_id, metrics, step)
+
+    def callbacks(self, stage: str) -> list:
+        from tasks.training import metrics_callback
+
+        return [metrics_callback(self.log_step, stage)]
+
+
+Work = Callable[[dict, dict[str, Any], Path, StageContext], dict[str, float]]
+
+
+def cache_key_for(stage: str, parameters: dict) -> str:
+    digests = {name: ref["digest"] for name, ref in parameters["inputs"].items()}
+    return stage_cache_key(stage, parameters["config"], digests, parameters["seed"])
+
+
+def materialize_input(store: ArtifactStore, raw: dict) -> Path | str:
+    """A stage output from the store as a verified local folder; a data source as its URI; an external
+    model as a local folder or Hub id."""
+    if raw.get("kind") == "source":
+        return raw["uri"]
+    ref = Ref.from_dict(raw)
+    if ref.uri.startswith(store.root_uri + "/"):
+        return store.materialize(ref)
+    from tasks.modeling import materialize_external
+
+    return materialize_external(ref)
+
+
+def execute_stage(stage: str, work: Work, config: dict, inputs: dict[str, dict], seed: int, env: dict,
+                  log_inputs: Callable[[StageContext, dict[str, Path]], None] | None = None) -> dict:
+    """Run one stage: returns {name, cache_key, output, metrics, mlflow_run_id, seconds, reused}."""
+    run_env = RunEnv(**env)
+    key = cache_key_for(stage, {"config": config, "inputs": inputs, "seed": seed})
+    store = ArtifactStore(run_env.storage_root)
+    refs = {name: Ref.from_dict(r) for name, r in inputs.items()}
+    run_id = tracking.start_run(
+        run_env.tracking_uri, run_env.experiment_id, stage,
+        {tracking.TAG_STAGE: stage, tracking.TAG_CACHE_KEY: key, tracking.TAG_CACHED: "false", "posttrain.seed": seed},
+        parent_run_id=run_env.parent_run_id,
+    )
+    started = time.monotonic()
+    ctx = StageContext(seed=seed, env=run_env, run_id=run_id, input_refs=refs)
+    try:
+        tracking.log_params(run_env.tracking_uri, run_id, tracking.flatten(config))
+        tracking.set_tags(run_env.tracking_uri, run_id,
+                          {f"posttrain.input.{n}": f"{r.uri}@{r.digest[:16]}" for n, r in refs.items()})
+        local = {name: materialize_input(store, raw) for name, raw in inputs.items()}
+        if log_inputs:
+            log_inputs(ctx, local)
+        existing = store.lookup(stage, key)
+        if existing is not None:
+            # Committed by an earlier run whose Prefect result record is gone: reuse, do not retrain.
+            logger.info("[%s] output for %s already in the store; reusing it", stage, key)
+            output, metrics = existing, store.read_manifest(existing.uri)["metadata"].get("metrics", {})
+        else:
+            logger.info("[%s] running (cache key %s)", stage, key)
+            with store.write(stage, key) as pending:
+                metrics = work(config, local, pending.path, ctx)
+                pending.metadata = {"metrics": metrics, "mlflow_run_id": run_id, "config": config,
+                                    "inputs": {n: r.to_dict() for n, r in refs.items()}, "seed": seed}
+            output = pending.ref
+        seconds = time.monotonic() - started
+        tracking.log_metrics(run_env.tracking_uri, run_id, {**metrics, "stage/seconds": seconds})
+        tracking.set_tags(run_env.tracking_uri, run_id, {"posttrain.output_uri": output.uri,
+                                                         "posttrain.output_digest": output.digest,
+                                                         "posttrain.reused_output": existing is not None})
+    except BaseException as exc:
+        tracking.end_run(run_env.tracking_uri, run_id, failed=True,
+                         error="".join(traceback.format_exception_only(type(exc), exc)).strip())
+        raise
+    tracking.end_run(run_env.tracking_uri, run_id)
+    return {
+        "name": stage,
+        "cache_key": key,
+        "output": output.to_dict(),
+        "metrics": metrics,
+        "mlflow_run_id": run_id,
+        "seconds": round(seconds, 3),
+        "reused": existing is not None,
+    }
+
+
+def record_cached_stage(result: dict, env: dict) -> str:
+    """Give a stage that came from cache its child run in this pipeline run, pointing at its origin."""
+    run_env = RunEnv(**env)
+    run_id = tracking.start_run(
+        run_env.tracking_uri, run_env.experiment_id, result["name"],
+        {tracking.TAG_STAGE: result["name"], tracking.TAG_CACHE_KEY: result["cache_key"],
+         tracking.TAG_CACHED: "true", tracking.TAG_CACHED_FROM: result["mlflow_run_id"],
+         "posttrain.output_uri": result["output"]["uri"], "posttrain.output_digest": result["output"]["digest"]},
+        parent_run_id=run_env.parent_run_id,
+    )
+    tracking.log_metrics(run_env.tracking_uri, run_id, {**result["metrics"], "stage/seconds": 0.0})
+    tracking.end_run(run_env.tracking_uri, run_id)
+    return run_id
+
+
+def stage_task(stage: str, work: Work, log_inputs=None, **task_options):
+    """The thin Prefect task for a stage: cached across runs on the stage's own cache key."""
+    from prefect import task
+
+    def run(config: dict, inputs: dict[str, dict], seed: int, env: dict) -> dict:
+        return execute_stage(stage, work, config, inputs, seed, env, log_inputs)
+
+    run.__name__ = run.__qualname__ = f"run_{stage}"
+    return task(
+        run,
+        name=stage,
+        cache_key_fn=lambda _ctx, parameters: cache_key_for(stage, parameters),
+        persist_result=True,
+        result_serializer="json",
+        **task_options,
+    )

@@ -1,0 +1,161 @@
+"""MLflow lineage: one parent run per pipeline run, one child run per stage, always by explicit run id.
+
+MLflow's active-run stack is thread-local and Prefect may run tasks in worker threads, so nothing
+here relies on `mlflow.active_run()`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+MAX_PARAM_CHARS = 6000  # MLflow's limit for a param value
+_BAD_METRIC_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
+TAG_STAGE = "posttrain.stage"
+TAG_CACHED = "posttrain.cached"
+TAG_CACHED_FROM = "posttrain.cached_from_run"
+TAG_CACHE_KEY = "posttrain.cache_key"
+
+
+def client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def sanitize_metric_name(name: str) -> str:
+    """MLflow accepts letters, digits, '_', '-', '.', ' ' and '/'; anything else becomes '_'."""
+    return _BAD_METRIC_CHARS.sub("_", name).strip("/") or "_"
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists and scalars are leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    c = client(tracking_uri)
+    experiment = c.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return c.create_experiment(name)
+    except Exception:  # created concurrently by another run
+        return c.get_experiment_by_name(name).experiment_id
+
+
+def start_run(tracking_uri: str, experiment_id: str, name: str, tags: dict[str, str],
+              parent_run_id: str | None = None) -> str:
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    all_tags = {MLFLOW_RUN_NAME: name, **{k: str(v) for k, v in tags.items()}}
+    if parent_run_id:
+        all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    return client(tracking_uri).create_run(experiment_id, tags=all_tags, run_name=name).info.run_id
+
+
+def log_params(tracking_uri: str, run_id: str, params: dict[str, Any]) -> None:
+    """Log params in batches. A value over MLflow's length limit is cut with a marker saying where the
+    whole value is (the resolved config artifact) and listed in a tag, never dropped."""
+    from mlflow.entities import Param
+
+    c = client(tracking_uri)
+    cut = []
+    items = []
+    for key, value in params.items():
+        text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        if len(text) > MAX_PARAM_CHARS:
+            marker = " ...[cut; full value in config/resolved.yaml]"
+            text = text[: MAX_PARAM_CHARS - len(marker)] + marker
+            cut.append(key)
+        items.append(Param(key, text))
+    for start in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[start : start + 100])
+    if cut:
+        c.set_tag(run_id, "posttrain.params_cut", ",".join(cut))
+
+
+def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(sanitize_metric_name(k), float(v), now, step) for k, v in metrics.items()]
+    c = client(tracking_uri)
+    for start in range(0, len(batch), 500):
+        c.log_batch(run_id, metrics=batch[start : start + 500])
+
+
+def set_tags(tracking_uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    client(tracking_uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_dict(tracking_uri: str, run_id: str, data: dict, artifact_file: str) -> None:
+    client(tracking_uri).log_dict(run_id, data, artifact_file)
+
+
+def log_text(tracking_uri: str, run_id: str, text: str, artifact_file: str) -> None:
+    client(tracking_uri).log_text(run_id, text, artifact_file)
+
+
+def log_table(tracking_uri: str, run_id: str, rows: list[dict], artifact_file: str) -> None:
+    import pandas as pd
+
+    client(tracking_uri).log_table(run_id, data=pd.DataFrame(rows), artifact_file=artifact_file)
+
+
+def log_artifacts(tracking_uri: str, run_id: str, local_dir: Path, artifact_path: str) -> None:
+    client(tracking_uri).log_artifacts(run_id, str(local_dir), artifact_path)
+
+
+def log_model_folder(env, run_id: str, folder: Path, artifact_path: str) -> None:
+    """Upload a save_pretrained folder as run artifacts when it is small, else record it by reference.
+
+    Uploaded, it loads back with `mlflow.artifacts.download_artifacts("runs:/<run_id>/<artifact_path>")`
+    and `from_pretrained`; by reference, the run's tags posttrain.output_uri/_digest name it."""
+    size_mb = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+    if size_mb <= env.log_model_max_mb:
+        log_artifacts(env.tracking_uri, run_id, folder, artifact_path)
+        set_tags(env.tracking_uri, run_id, {f"posttrain.model.{artifact_path}": f"runs:/{run_id}/{artifact_path}"})
+    else:
+        set_tags(env.tracking_uri, run_id, {f"posttrain.model.{artifact_path}": "by-reference (see output_uri)"})
+
+
+def log_dataset(tracking_uri: str, run_id: str, path: Path, name: str, digest: str, context: str) -> None:
+    """Record a prepared split as an MLflow dataset input (source, digest, schema, row count)."""
+    import mlflow.data
+    import pandas as pd
+    from mlflow.entities import InputTag
+
+    frame = pd.read_json(path, lines=True)
+    for column in frame.columns:  # nested chat messages become JSON text for the schema
+        if frame[column].map(lambda v: isinstance(v, (list, dict))).any():
+            frame[column] = frame[column].map(json.dumps)
+    dataset = mlflow.data.from_pandas(frame, source=str(path), name=name, digest=digest[:36])
+    client(tracking_uri).log_inputs(
+        run_id, datasets=[_dataset_input(dataset, InputTag(key="mlflow.data.context", value=context))]
+    )
+
+
+def _dataset_input(dataset, tag):
+    from mlflow.entities import DatasetInput
+
+    return DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[tag])
+
+
+def end_run(tracking_uri: str, run_id: str, failed: bool = False, error: str | None = None) -> None:
+    c = client(tracking_uri)
+    if error:
+        c.set_tag(run_id, "posttrain.error", error[:5000])
+    c.set_terminated(run_id, status="FAILED" if failed else "FINISHED")

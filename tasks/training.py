@@ -1,0 +1,131 @@
+"""What the training stages share: typed hyperparameters, TRL arguments for CPU or GPU, seeds, curves."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+logger = logging.getLogger("posttrain")
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are refused and values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSettings(Section):
+    enabled: bool = Field(False, description="Train a LoRA adapter (PEFT) instead of all weights; merged on save.")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (lora_alpha).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear'."
+    )
+
+
+class TrainingSettings(Section):
+    learning_rate: float = Field(5e-4, gt=0, description="Peak learning rate (AdamW).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training split (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 runs `epochs` epochs.")
+    batch_size: int = Field(16, ge=1, description="Per-device training batch size.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Fraction of steps spent warming up the learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    lr_scheduler: str = Field("linear", description="transformers scheduler name (linear, cosine, constant, ...).")
+    max_length: int = Field(128, ge=8, description="Longest tokenized example; longer ones are truncated.")
+    logging_steps: int = Field(5, ge=1, description="Log the training curve to MLflow every N steps.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory (useful for big models on GPU).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="'auto' = bf16 on a GPU that supports it, fp32 on CPU."
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="Parameter-efficient fine-tuning.")
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+    from transformers import set_seed
+
+    set_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def trainer_kwargs(t: TrainingSettings, scratch: Path, seed: int) -> dict:
+    """Keyword arguments every TRL *Config takes, with the CPU pitfalls handled (API-NOTES)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    precision = t.precision
+    if precision == "auto":
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    return dict(
+        output_dir=str(scratch),
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=max(t.batch_size, 16),
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler,
+        logging_steps=t.logging_steps,
+        gradient_checkpointing=t.gradient_checkpointing,
+        use_cpu=not cuda,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        seed=seed,
+        data_seed=seed,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        dataloader_num_workers=0,
+        disable_tqdm=not _show_progress(),
+    )
+
+
+def _show_progress() -> bool:
+    return os.environ.get("POSTTRAIN_PROGRESS", "1") != "0"
+
+
+def peft_config(lora: LoraSettings, task_type: str = "CAUSAL_LM"):
+    if not lora.enabled:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        task_type=task_type, modules_to_save=["score"] if task_type == "SEQ_CLS" else None,
+    )
+
+
+def metrics_callback(log: Callable[[dict[str, float], int], None], stage: str):
+    """A transformers callback that sends each logged step to `log(metrics, step)` and prints progress."""
+    from transformers import TrainerCallback
+
+    class _StepLogger(TrainerCallback):
+        def __init__(self):
+            self.started = time.monotonic()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            numbers = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+            if numbers:
+                log(numbers, state.global_step)
+                shown = ", ".join(f"{k}={v:.4g}" for k, v in list(numbers.items())[:4])
+                logger.info("[%s] step %d/%d %s", stage, state.global_step, state.max_steps, shown)
+
+    return _StepLogger()
+
+
+def final_train_metrics(trainer, prefix: str = "train") -> dict[str, float]:
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    out = {f"{prefix}/steps": float(trainer.state.global_step)}
+    if history:
+        out[f"{prefix}/final_loss"] = float(history[-1]["loss"])
+        out[f"{prefix}/first_loss"] = float(history[0]["loss"])
+    return out
