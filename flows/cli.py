@@ -29,6 +29,9 @@ def _setup_logging() -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     log = logging.getLogger("posttrain")
+    if any(getattr(h, "_posttrain", False) for h in log.handlers):
+        return
+    handler._posttrain = True
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False

@@ -7,6 +7,7 @@ references (URI + digest). A stage that comes from cache still gets its MLflow c
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 from prefect import flow, get_run_logger
 
@@ -40,7 +41,12 @@ class _Runner:
         self.outcomes: list[dict] = []
         self.result_storage = _result_storage(cfg.storage.root)
 
-    def __call__(self, task, config, inputs: dict[str, dict]) -> dict:
+    def __call__(self, task, config, inputs: dict[str, dict] | Callable[[], dict[str, dict]]) -> dict:
+        if callable(inputs):  # resolving inputs reads them (data fingerprints): a failure is the stage's
+            try:
+                inputs = inputs()
+            except Exception as exc:
+                self._failed(task.name, 0.0, f"{type(exc).__name__}: {exc}")
         params = dict(config=config.model_dump(mode="json"), inputs=inputs, seed=self.cfg.seed, env=self.env)
         task = task.with_options(result_storage=self.result_storage)
         started = time.monotonic()
@@ -52,10 +58,7 @@ class _Runner:
             cached = False
         seconds = time.monotonic() - started
         if state.is_failed():
-            self.outcomes.append({"name": task.name, "status": "failed", "cache_key": None, "output_uri": None,
-                                  "mlflow_run_id": None, "seconds": round(seconds, 3), "metrics": {},
-                                  "error": str(state.message)})
-            raise PipelineFailed(f"stage {task.name} failed: {state.message}", {"stages": self.outcomes})
+            self._failed(task.name, seconds, _error_text(state))
         result = state.result()
         run_id = record_cached_stage(result, self.env) if cached else result["mlflow_run_id"]
         self.outcomes.append({
@@ -69,6 +72,21 @@ class _Runner:
             "metrics": result["metrics"],
         })
         return result["output"]
+
+
+    def _failed(self, name: str, seconds: float, error: str):
+        self.outcomes.append({"name": name, "status": "failed", "cache_key": None, "output_uri": None,
+                              "mlflow_run_id": None, "seconds": round(seconds, 3), "metrics": {}, "error": error})
+        raise PipelineFailed(f"stage {name} failed: {error}", {"stages": self.outcomes})
+
+
+def _error_text(state) -> str:
+    """The failed task's exception as 'Type: message'."""
+    try:
+        state.result()
+    except BaseException as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return str(state.message)
 
 
 def _result_storage(storage_root: str):
@@ -97,7 +115,7 @@ def post_training_pipeline(config: PipelineConfig | None = None) -> dict:
     run = _Runner(cfg, env)
     error: BaseException | None = None
     try:
-        data = run(prepare_data_task, cfg.data, source_refs(cfg.data))
+        data = run(prepare_data_task, cfg.data, lambda: source_refs(cfg.data))
         if cfg.pretrain.enabled:
             base = run(pretrain_task, cfg.pretrain, {})
         else:

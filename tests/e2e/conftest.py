@@ -1,0 +1,55 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks import synthetic
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server():
+    """One temporary Prefect server (and result store) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def state_home(tmp_path_factory):
+    import os
+
+    home = tmp_path_factory.mktemp("posttrain-home")
+    old = os.environ.get("POSTTRAIN_HOME")
+    os.environ["POSTTRAIN_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield home
+    if old is None:
+        os.environ.pop("POSTTRAIN_HOME", None)
+    else:
+        os.environ["POSTTRAIN_HOME"] = old
+
+
+def write_data(folder: Path) -> dict[str, Path]:
+    """The demo's synthetic parts as JSONL files, so a test can edit a row."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for part in ("sft", "preference", "eval"):
+        paths[part] = folder / f"{part}.jsonl"
+        paths[part].write_text("".join(json.dumps(r) + "\n" for r in synthetic.generate(part)))
+    return paths
+
+
+def run_cli(home: Path, *overrides: str, config: str = "configs/tiny.yaml") -> tuple[int, dict]:
+    from flows.cli import main
+
+    summary_path = home / "summary.json"
+    summary_path.unlink(missing_ok=True)
+    args = ["run", "--config", str(ROOT / config), "--summary-json", str(summary_path)]
+    for item in overrides:
+        args += ["--set", item]
+    code = main(args)
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    return code, summary

@@ -1,0 +1,206 @@
+"""The tiny recipe end to end: stages, lineage, caching across runs, failures."""
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from tasks.store import ArtifactStore, Ref
+
+from .conftest import run_cli, write_data
+
+pytestmark = pytest.mark.e2e
+STAGES = ["prepare_data", "pretrain", "sft", "reward", "align", "evaluate"]
+
+
+@pytest.fixture(scope="module")
+def data(state_home):
+    return write_data(state_home / "data")
+
+
+def _data_overrides(data):
+    return [f"data.{part}.source={path}" for part, path in data.items()]
+
+
+@pytest.fixture(scope="module")
+def first(state_home, data):
+    code, summary = run_cli(state_home, *_data_overrides(data))
+    return code, summary
+
+
+def _by_name(summary):
+    return {s["name"]: s for s in summary["stages"]}
+
+
+def _client(summary):
+    return MlflowClient(tracking_uri=summary["tracking_uri"])
+
+
+def test_first_run_completes_every_stage(first):
+    code, summary = first
+    assert code == 0
+    assert [s["name"] for s in summary["stages"]] == STAGES
+    for stage in summary["stages"]:
+        assert stage["status"] == "completed", stage
+        assert stage["cache_key"].startswith(stage["name"])
+        assert stage["output_uri"] and stage["mlflow_run_id"] and stage["seconds"] > 0
+        assert set(stage) >= {"name", "status", "cache_key", "output_uri", "mlflow_run_id", "seconds", "metrics"}
+    for key in ("base/task_accuracy", "sft/task_accuracy", "policy/task_accuracy", "reward/pairwise_accuracy",
+                "policy/win_rate_vs_sft", "policy/kl_to_sft"):
+        assert key in summary["metrics"]
+    assert summary["mlflow_run_id"] and summary["flow_run_id"]
+
+
+def test_parent_run_records_config_versions_commit_and_cache_keys(first):
+    _, summary = first
+    client = _client(summary)
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["seed"] == "0" and parent.data.params["align.beta"] == "0.1"
+    assert parent.data.params["align.method"] == "dpo"
+    tags = parent.data.tags
+    assert tags["prefect.flow_run_id"] == summary["flow_run_id"]
+    assert "mlflow.source.git.commit" in tags
+    for lib in ("torch", "transformers", "trl", "peft", "datasets"):
+        assert tags[f"posttrain.version.{lib}"] not in ("", "absent")
+    for stage in summary["stages"]:
+        assert tags[f"posttrain.cache_key.{stage['name']}"] == stage["cache_key"]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "config")}
+    assert "config/resolved.yaml" in artifacts
+    assert parent.data.metrics["policy/task_accuracy"] == summary["metrics"]["policy/task_accuracy"]
+
+
+def test_each_stage_has_a_child_run_with_curves_metrics_and_inputs(first):
+    _, summary = first
+    client = _client(summary)
+    for stage in summary["stages"]:
+        run = client.get_run(stage["mlflow_run_id"])
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == summary["mlflow_run_id"]
+        assert run.data.tags["posttrain.cached"] == "false"
+        assert run.data.tags["posttrain.output_uri"] == stage["output_uri"]
+        for name, value in stage["metrics"].items():
+            assert run.data.metrics[name.replace(":", "_")] == pytest.approx(value)
+    sft = _by_name(summary)["sft"]["mlflow_run_id"]
+    curve = client.get_metric_history(sft, "loss")
+    assert len(curve) >= 3 and len({m.step for m in curve}) == len(curve)
+    inputs = client.get_run(sft).inputs.dataset_inputs
+    assert [d.dataset.name for d in inputs] == ["sft-train"] and inputs[0].dataset.digest
+
+
+def test_training_changed_the_weights(first):
+    _, summary = first
+    stages = _by_name(summary)
+    store = ArtifactStore(summary["storage_root"])
+
+    def weights(name):
+        s = stages[name]
+        return load_file(store.materialize(Ref(s["output_uri"], s["output_digest"])) / "model.safetensors")
+
+    base, sft, policy = weights("pretrain"), weights("sft"), weights("align")
+    assert base.keys() == sft.keys() == policy.keys()
+    assert any(not (base[k] == sft[k]).all() for k in base)
+    assert any(not (sft[k] == policy[k]).all() for k in sft)
+
+
+def test_final_policy_loads_back_from_mlflow(first, tmp_path):
+    import mlflow
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, summary = first
+    run_id = _by_name(summary)["align"]["mlflow_run_id"]
+    mlflow.set_tracking_uri(summary["tracking_uri"])
+    local = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/policy", dst_path=str(tmp_path))
+    model = AutoModelForCausalLM.from_pretrained(local)
+    tokenizer = AutoTokenizer.from_pretrained(local)
+    assert model.num_parameters() > 0 and tokenizer.chat_template
+
+
+def test_evaluation_logs_a_sample_table(first):
+    _, summary = first
+    client = _client(summary)
+    run_id = _by_name(summary)["evaluate"]["mlflow_run_id"]
+    table = json.loads(open(client.download_artifacts(run_id, "samples/generations.json")).read())
+    assert {"prompt", "reference", "base", "sft", "policy"} <= set(table["columns"])
+    assert len(table["data"]) == 8
+
+
+def test_same_config_again_is_all_cached(first, state_home, data):
+    _, before = first
+    code, summary = run_cli(state_home, *_data_overrides(data))
+    assert code == 0
+    assert [s["status"] for s in summary["stages"]] == ["cached"] * len(STAGES)
+    assert [s["cache_key"] for s in summary["stages"]] == [s["cache_key"] for s in before["stages"]]
+    first_total = sum(s["seconds"] for s in before["stages"])
+    assert sum(s["seconds"] for s in summary["stages"]) < 0.05 * first_total
+    client = _client(summary)
+    origin = _by_name(before)
+    for stage in summary["stages"]:
+        run = client.get_run(stage["mlflow_run_id"])
+        assert run.data.tags["mlflow.parentRunId"] == summary["mlflow_run_id"]
+        assert run.data.tags["posttrain.cached"] == "true"
+        assert run.data.tags["posttrain.cached_from_run"] == origin[stage["name"]]["mlflow_run_id"]
+    assert _prefect_task_states(summary["flow_run_id"]) == {name: "Cached" for name in STAGES}
+
+
+def _prefect_task_states(flow_run_id):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+
+def test_changing_beta_reruns_align_and_evaluate_only(first, state_home, data):
+    code, summary = run_cli(state_home, *_data_overrides(data), "align.beta=0.2")
+    assert code == 0
+    assert {s["name"]: s["status"] for s in summary["stages"]} == {
+        "prepare_data": "cached", "pretrain": "cached", "sft": "cached", "reward": "cached",
+        "align": "completed", "evaluate": "completed"}
+
+
+def test_changing_one_data_row_reruns_from_prepare_data(first, state_home, data):
+    rows = data["sft"].read_text().splitlines()
+    row = json.loads(rows[3])
+    row["completion"] = "42"
+    rows[3] = json.dumps(row)
+    data["sft"].write_text("\n".join(rows) + "\n")
+    code, summary = run_cli(state_home, *_data_overrides(data))
+    assert code == 0
+    assert {s["name"]: s["status"] for s in summary["stages"]} == {
+        "prepare_data": "completed", "pretrain": "cached", "sft": "completed", "reward": "completed",
+        "align": "completed", "evaluate": "completed"}
+
+
+def test_bad_config_fails_before_any_compute(state_home, capsys):
+    code, summary = run_cli(state_home, "align.beta=-1")
+    assert code == 2 and summary == {}
+    assert "align.beta: Input should be greater than 0" in capsys.readouterr().err
+
+
+def test_bad_data_fails_the_stage_in_mlflow_with_the_row(state_home, data, tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "1 + 1", "completion": "2"}\n{"prompt": "2 + 2"}\n')
+    overrides = [o for o in _data_overrides(data) if not o.startswith("data.sft.")] + [f"data.sft.source={broken}"]
+    code, summary = run_cli(state_home, *overrides)
+    assert code == 1
+    failed = summary["stages"][-1]
+    assert failed["name"] == "prepare_data" and failed["status"] == "failed"
+    assert "broken.jsonl: row 2: field 'completion' is missing" in failed["error"]
+    client = _client(summary)
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.info.status == "FAILED"
+    [child] = client.search_runs([parent.info.experiment_id],
+                                 filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert child.info.status == "FAILED"
+    assert "broken.jsonl: row 2: field 'completion' is missing" in child.data.tags["posttrain.error"]
+
+
+def test_missing_data_file_fails_before_any_training(state_home, data, tmp_path):
+    overrides = [o for o in _data_overrides(data) if not o.startswith("data.sft.")]
+    code, summary = run_cli(state_home, *overrides, f"data.sft.source={tmp_path / 'gone.jsonl'}")
+    assert code == 1
+    assert [(s["name"], s["status"]) for s in summary["stages"]] == [("prepare_data", "failed")]
+    assert "gone.jsonl: file not found" in summary["stages"][0]["error"]

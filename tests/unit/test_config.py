@@ -1,0 +1,103 @@
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from flows.config import ConfigError, PipelineConfig, load_config
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+def test_there_are_recipes():
+    assert {p.name for p in RECIPES} >= {"demo.yaml", "tiny.yaml"}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates_and_opens_with_its_command(recipe):
+    cfg = load_config(recipe)
+    assert isinstance(cfg, PipelineConfig)
+    first = recipe.read_text().splitlines()[0]
+    assert first.startswith("# posttrain run"), f"{recipe.name} must open with the command that runs it"
+
+
+def test_default_recipe_is_the_demo():
+    assert load_config().name == "demo"
+
+
+def test_required_keys_exist():
+    cfg = load_config()
+    assert isinstance(cfg.seed, int)
+    assert cfg.align.method in ("dpo", "rlhf")
+    assert cfg.align.beta > 0
+    assert hasattr(cfg.storage, "root") and hasattr(cfg.tracking, "uri")
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(None, ["align.beta=0.25", "align.method=rlhf", "sft.training.lora.enabled=true", "seed=7"])
+    assert cfg.align.beta == 0.25 and cfg.align.method == "rlhf"
+    assert cfg.sft.training.lora.enabled is True and cfg.seed == 7
+
+
+def test_unknown_key_is_refused_with_its_path():
+    with pytest.raises(ConfigError, match=r"align\.betta: unknown key"):
+        load_config(None, ["align.betta=0.2"])
+
+
+def test_bad_value_names_the_field_path():
+    with pytest.raises(ConfigError, match=r"align\.beta: Input should be greater than 0"):
+        load_config(None, ["align.beta=-1"])
+    with pytest.raises(ConfigError, match=r"align\.method"):
+        load_config(None, ["align.method=ppo"])
+    with pytest.raises(ConfigError, match=r"sft\.training\.batch_size"):
+        load_config(None, ["sft.training.batch_size=lots"])
+
+
+def test_override_into_a_value_is_refused():
+    with pytest.raises(ConfigError, match=r"--set seed\.x.*seed is a value"):
+        load_config(None, ["seed.x=1"])
+
+
+def test_missing_base_model_is_refused(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: {sft: {source: a.jsonl}, preference: {source: b.jsonl}, eval: {source: c.jsonl}}\n")
+    with pytest.raises(ConfigError, match="model.base must name a base model"):
+        load_config(recipe)
+
+
+def test_bad_yaml_and_missing_file_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="recipe not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: [1\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+
+
+def _models(model: type[BaseModel], seen=None):
+    seen = seen if seen is not None else set()
+    if model in seen:
+        return seen
+    seen.add(model)
+    for field in model.model_fields.values():
+        for arg in [field.annotation, *getattr(field.annotation, "__args__", ())]:
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                _models(arg, seen)
+    return seen
+
+
+def test_every_field_has_a_description_and_unknown_keys_are_forbidden():
+    for model in _models(PipelineConfig):
+        assert model.model_config.get("extra") == "forbid", model.__name__
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no description"
+
+
+def test_resolved_defaults_live_under_the_state_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("POSTTRAIN_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config().resolved()
+    assert cfg.storage.root == str(tmp_path / "artifacts")
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert load_config().resolved().tracking.uri == "http://127.0.0.1:5000"
+    assert load_config(None, ["tracking.uri=sqlite:///x.db"]).resolved().tracking.uri == "sqlite:///x.db"
