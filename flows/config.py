@@ -122,7 +122,8 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
     lines = [f"{origin}: {err.error_count()} problem(s) in the configuration"]
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        got = "" if e["type"] == "missing" else f" (got {e.get('input')!r})"
+        shown = e["type"] != "missing" and not isinstance(e.get("input"), (dict, list))
+        got = f" (got {e.get('input')!r})" if shown else ""
         message = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
         lines.append(f"  {path}: {message}{got}")
     return "\n".join(lines)

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tasks.training import Section, TrainingSettings
 
@@ -25,6 +25,11 @@ class RLHFSettings(Section):
         description="GRPO advantage scaling. 'none' keeps the reward model's scale, so near-ties the reward "
         "model cannot tell apart are not blown up into large advantages (less reward hacking).",
     )
+    training: TrainingSettings = Field(
+        default_factory=lambda: TrainingSettings(learning_rate=2e-4, max_steps=150, batch_size=64),
+        description="Hyperparameters of the RL run; batch_size counts completions and must be a multiple of "
+        "num_generations.",
+    )
 
 
 class DPOSettings(Section):
@@ -34,17 +39,32 @@ class DPOSettings(Section):
         "the policy from drifting to degenerate replies.",
     )
     loss_weights: list[float] | None = Field(None, description="Weight of each loss type (default 1.0 each).")
+    training: TrainingSettings = Field(
+        default_factory=lambda: TrainingSettings(learning_rate=5e-4, epochs=2, batch_size=16),
+        description="Hyperparameters of the DPO run.",
+    )
 
 
 class AlignConfig(Section):
     method: Literal["dpo", "rlhf"] = Field("dpo", description="dpo (offline, pairs) or rlhf (online RL vs the reward model).")
     beta: float = Field(0.1, gt=0, description="KL strength to the SFT model: DPO's beta, or GRPO's KL coefficient.")
-    training: TrainingSettings = Field(
-        default_factory=lambda: TrainingSettings(learning_rate=5e-4, epochs=2, batch_size=16),
-        description="Hyperparameters of the alignment run.",
-    )
     dpo: DPOSettings = Field(default_factory=DPOSettings, description="Settings used when method is dpo.")
     rlhf: RLHFSettings = Field(default_factory=RLHFSettings, description="Settings used when method is rlhf.")
+
+    @model_validator(mode="after")
+    def _group_divides_batch(self) -> "AlignConfig":
+        t = self.rlhf.training
+        if self.method == "rlhf" and (t.batch_size * t.gradient_accumulation_steps) % self.rlhf.num_generations:
+            raise ValueError(
+                f"align.rlhf.num_generations={self.rlhf.num_generations} must divide the effective batch "
+                f"(align.rlhf.training.batch_size x gradient_accumulation_steps = "
+                f"{t.batch_size * t.gradient_accumulation_steps})"
+            )
+        return self
+
+    @property
+    def training(self) -> TrainingSettings:
+        return self.dpo.training if self.method == "dpo" else self.rlhf.training
 
 
 def align(cfg: AlignConfig, data: Path, sft: Path, reward: Path | None, out: Path, seed: int, callbacks=(),
