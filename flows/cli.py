@@ -99,6 +99,25 @@ def cmd_run(args) -> int:
     return code if code else (0 if ok else 1)
 
 
+def cmd_deploy(args) -> int:
+    _prepare_environment()
+    from flows.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.set or [])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from flows.deploy import deploy_pipeline
+
+    deployment_id = deploy_pipeline(config, args.name or config.name, args.pool, args.cron, args.timezone)
+    print(f"deployment posttrain/{args.name or config.name} ({deployment_id}) on work pool {args.pool!r}"
+          + (f", schedule {args.cron!r} {args.timezone}" if args.cron else ", no schedule"))
+    print(f"start a worker:  prefect worker start --pool {args.pool}")
+    print(f"run it now:      prefect deployment run 'posttrain/{args.name or config.name}'")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="posttrain", description="LLM post-training as a cached Prefect flow.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. align.beta=0.2")
     run.add_argument("--summary-json", metavar="PATH", help="write the run summary as JSON")
     run.set_defaults(func=cmd_run)
+    deploy = sub.add_parser("deploy", help="register the recipe as a scheduled Prefect deployment")
+    deploy.add_argument("--config", help="YAML recipe (default: configs/demo.yaml); its config is the default parameter")
+    deploy.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field of the recipe")
+    deploy.add_argument("--name", help="deployment name (default: the recipe's name)")
+    deploy.add_argument("--pool", default="posttrain", help="work pool (created as a process pool if missing)")
+    deploy.add_argument("--cron", help="cron schedule, e.g. '0 3 * * *' (default: no schedule)")
+    deploy.add_argument("--timezone", default="UTC", help="time zone of the cron schedule")
+    deploy.set_defaults(func=cmd_deploy)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -46,7 +46,7 @@ def _artifact_location(tracking_uri: str) -> str | None:
 def open_pipeline_run(cfg: PipelineConfig) -> dict:
     """Create the parent run (params, resolved config, versions, commit) and return the stages' RunEnv."""
     uri = cfg.tracking.uri
-    experiment_id = _experiment(uri, cfg.tracking.experiment)
+    experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment, _artifact_location(uri))
     commit, dirty = git_commit()
     versions = {**library_versions(), "python": platform.python_version(),
                 **{name: _version(name) for name in ("prefect", "mlflow", "posttrain")}}
@@ -55,11 +55,11 @@ def open_pipeline_run(cfg: PipelineConfig) -> dict:
         "mlflow.source.git.commit": commit,
         "posttrain.git_dirty": dirty,
         "prefect.flow_run_id": _flow_run_id(),
-        "posttrain.command": " ".join(sys.argv)[:500],
+        "posttrain.command": tracking.redact(" ".join(sys.argv))[:500],
         **{f"posttrain.version.{k}": v for k, v in versions.items()},
     }
     run_id = tracking.start_run(uri, experiment_id, cfg.name, tags)
-    resolved = cfg.model_dump(mode="json")
+    resolved = tracking.redact(cfg.model_dump(mode="json"))
     tracking.log_params(uri, run_id, tracking.flatten(resolved))
     tracking.log_text(uri, run_id, yaml.safe_dump(resolved, sort_keys=False), "config/resolved.yaml")
     tracking.log_dict(uri, run_id, versions, "config/versions.json")
@@ -67,17 +67,6 @@ def open_pipeline_run(cfg: PipelineConfig) -> dict:
                  parent_run_id=run_id, trust_remote_code=cfg.model.trust_remote_code,
                  log_model_max_mb=cfg.tracking.log_model_max_mb)
     return env.to_dict()
-
-
-def _experiment(uri: str, name: str) -> str:
-    c = tracking.client(uri)
-    found = c.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return c.create_experiment(name, artifact_location=_artifact_location(uri))
-    except Exception:  # another run created it first
-        return c.get_experiment_by_name(name).experiment_id
 
 
 def _version(name: str) -> str:
@@ -105,7 +94,7 @@ def close_pipeline_run(cfg: PipelineConfig, env: dict, stages: list[dict], error
         "flow_run_id": _flow_run_id(),
         "stages": stages,
         "metrics": summary_metrics(stages),
-        "tracking_uri": uri,
+        "tracking_uri": tracking.redact(uri),
         "experiment_id": env["experiment_id"],
         "storage_root": cfg.storage.root,
     }

@@ -74,7 +74,7 @@ def align(cfg: AlignConfig, data: Path, sft: Path, reward: Path | None, out: Pat
     from tasks.modeling import load_causal_lm, load_tokenizer, save_model
     from tasks.training import final_train_metrics, peft_config, seed_everything, trainer_kwargs
 
-    seed_everything(seed)
+    seed_everything(seed, cfg.training.deterministic_kernels)
     train = load_split(data, "preference", "train")
     if train is None:
         raise ValueError("align: the prepared data has no preference/train split; set data.preference")

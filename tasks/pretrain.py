@@ -42,7 +42,7 @@ def pretrain(cfg: PretrainConfig, texts: list[str], out: Path, seed: int, callba
     from tasks.modeling import build_tokenizer, save_model
     from tasks.training import final_train_metrics, seed_everything, trainer_kwargs
 
-    seed_everything(seed)
+    seed_everything(seed, cfg.training.deterministic_kernels)
     tokenizer = build_tokenizer(texts, cfg.vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),

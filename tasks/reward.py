@@ -29,7 +29,7 @@ def train_reward(cfg: RewardStageConfig, data: Path, init: Path, out: Path, seed
     from tasks.modeling import load_reward_model, load_tokenizer, save_model
     from tasks.training import final_train_metrics, peft_config, seed_everything, trainer_kwargs
 
-    seed_everything(seed)
+    seed_everything(seed, cfg.training.deterministic_kernels)
     train, held_out = load_split(data, "preference", "train"), load_split(data, "preference", "eval")
     if train is None:
         raise ValueError("reward: the prepared data has no preference/train split; set data.preference")

@@ -27,7 +27,7 @@ def train_sft(cfg: SFTStageConfig, data: Path, base: Path, out: Path, seed: int,
     from tasks.modeling import load_causal_lm, load_tokenizer, save_model
     from tasks.training import final_train_metrics, peft_config, seed_everything, trainer_kwargs
 
-    seed_everything(seed)
+    seed_everything(seed, cfg.training.deterministic_kernels)
     train, held_out = load_split(data, "sft", "train"), load_split(data, "sft", "eval")
     if train is None:
         raise ValueError("sft: the prepared data has no sft/train split; set data.sft in the recipe")

@@ -96,7 +96,7 @@ def execute_stage(stage: str, work: Work, config: dict, inputs: dict[str, dict],
     started = time.monotonic()
     ctx = StageContext(seed=seed, env=run_env, run_id=run_id, input_refs=refs)
     try:
-        tracking.log_params(run_env.tracking_uri, run_id, tracking.flatten(config))
+        tracking.log_params(run_env.tracking_uri, run_id, tracking.flatten(tracking.redact(config)))
         tracking.set_tags(run_env.tracking_uri, run_id,
                           {f"posttrain.input.{n}": f"{r.uri}@{r.digest[:16]}" for n, r in refs.items()})
         local = {name: materialize_input(store, raw) for name, raw in inputs.items()}

@@ -20,6 +20,21 @@ TAG_CACHED_FROM = "posttrain.cached_from_run"
 TAG_CACHE_KEY = "posttrain.cache_key"
 
 
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|api_key|access_key)", re.IGNORECASE)
+
+
+def redact(value: Any) -> Any:
+    """A copy with passwords inside URIs and values of secret-looking keys replaced by '***'."""
+    if isinstance(value, dict):
+        return {k: "***" if _SECRET_KEY.search(str(k)) and v else redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        return _USERINFO.sub(lambda m: f"{m['scheme']}***@", value)
+    return value
+
+
 def client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
@@ -43,13 +58,13 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def ensure_experiment(tracking_uri: str, name: str) -> str:
+def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | None = None) -> str:
     c = client(tracking_uri)
     experiment = c.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return c.create_experiment(name)
+        return c.create_experiment(name, artifact_location=artifact_location)
     except Exception:  # created concurrently by another run
         return c.get_experiment_by_name(name).experiment_id
 

@@ -1,0 +1,53 @@
+"""Register the pipeline as a Prefect deployment: a cron schedule, a work pool, a typed parameter form.
+
+The deployment pulls the code from this project's folder on the worker's machine (a process work
+pool on a shared host, or the same path baked into an image for Docker / Kubernetes pools).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flows.config import PipelineConfig
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+ENTRYPOINT = "flows/pipeline.py:post_training_pipeline"
+
+
+def ensure_work_pool(name: str, pool_type: str = "process") -> None:
+    """Create the work pool if it does not exist yet."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+        except ObjectNotFound:
+            try:
+                client.create_work_pool(WorkPoolCreate(name=name, type=pool_type))
+            except ObjectAlreadyExists:
+                pass
+
+
+def deploy_pipeline(cfg: PipelineConfig, name: str, pool: str, cron: str | None = None,
+                    timezone: str = "UTC", source: Path = PROJECT_DIR, pool_type: str = "process") -> str:
+    """Create or update the deployment `posttrain/<name>` with the recipe as its default parameters."""
+    from prefect import flow as prefect_flow
+    from prefect.schedules import Cron
+
+    ensure_work_pool(pool, pool_type)
+    remote = prefect_flow.from_source(source=str(source), entrypoint=ENTRYPOINT)
+    schedules = [Cron(cron, timezone=timezone)] if cron else None
+    deployment_id = remote.deploy(
+        name=name,
+        work_pool_name=pool,
+        schedules=schedules,
+        parameters={"config": cfg.model_dump(mode="json")},
+        description=f"posttrain recipe {cfg.name!r}",
+        tags=["posttrain"],
+        build=False,
+        push=False,
+        print_next_steps=False,
+    )
+    return str(deployment_id)

@@ -1,0 +1,2 @@
+-- The Postgres container creates the `prefect` database; MLflow gets its own.
+CREATE DATABASE mlflow;

@@ -1,0 +1,186 @@
+"""The tiny recipe through a Prefect deployment and a process worker, against real servers:
+artifacts and Prefect results on S3 (moto), tracking on an MLflow server whose artifacts are on S3.
+Everything is checked with clients that do not use the project's code."""
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import ACCESS_KEY, ROOT, SECRET
+
+pytestmark = pytest.mark.services
+STAGES = ["prepare_data", "pretrain", "sft", "reward", "align", "evaluate"]
+DEPLOYMENT = "posttrain/tiny-services"
+
+
+def _posttrain(env, *args, timeout=300):
+    result = subprocess.run(["posttrain", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def prefect_client(services):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: services["prefect_api"]}):
+        from prefect import get_client
+
+        with get_client(sync_client=True) as client:
+            yield client
+
+
+@pytest.fixture(scope="module")
+def worker(services):
+    log = services["work"] / "worker.log"
+    proc = subprocess.Popen(["prefect", "worker", "start", "--pool", "svc-cpu", "--type", "process"],
+                            env=services["env"], cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    yield log
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def deployment(services, prefect_client):
+    out = _posttrain(services["env"], "deploy", "--config", "configs/tiny.yaml", "--name", "tiny-services",
+                     "--pool", "svc-cpu", "--cron", "0 3 * * *", "--set", "storage.root=s3://posttrain/runs")
+    assert "deployment posttrain/tiny-services" in out
+    return prefect_client.read_deployment_by_name(DEPLOYMENT)
+
+
+def _trigger_and_wait(client, deployment, parameters, timeout=900):
+    """What the UI's Run button does: a flow run from the deployment, with custom parameters."""
+    run = client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = client.read_flow_run(run.id)
+        if run.state and run.state.is_final():
+            return run
+        time.sleep(3)
+    raise AssertionError(f"flow run {run.id} not finished after {timeout} s (state {run.state})")
+
+
+def _config_with(deployment, **dotted):
+    config = json.loads(json.dumps(deployment.parameters["config"]))
+    for key, value in dotted.items():
+        node = config
+        *parents, leaf = key.split("__")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_client, deployment, worker):
+    run = _trigger_and_wait(prefect_client, deployment, {"config": _config_with(deployment, align__beta=0.15)})
+    assert run.state.is_completed(), f"{run.state}: see {worker}\n{Path(worker).read_text()[-4000:]}"
+    return run
+
+
+def _mlflow_parent(services, flow_run_id):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=services["mlflow_uri"])
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'",
+    )
+    assert len(runs) == 1, runs
+    return client, runs[0]
+
+
+def test_deployment_has_a_cron_schedule_and_a_typed_form(deployment, prefect_client):
+    schedules = prefect_client.read_deployment_schedules(deployment.id)
+    assert [s.schedule.cron for s in schedules] == ["0 3 * * *"]
+    schema = deployment.parameter_openapi_schema
+    assert "config" in schema["properties"]
+    definitions = schema.get("definitions") or schema.get("$defs")
+    assert {"PipelineConfig", "AlignConfig", "TrainingSettings"} <= set(definitions)
+    assert definitions["AlignConfig"]["properties"]["beta"]["description"]
+    assert deployment.parameters["config"]["storage"]["root"] == "s3://posttrain/runs"
+
+
+def test_triggered_run_with_overridden_parameter_completes(first_run, services):
+    client, parent = _mlflow_parent(services, str(first_run.id))
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["align.beta"] == "0.15"
+    assert {parent.data.tags[f"posttrain.status.{s}"] for s in STAGES} == {"completed"}
+
+
+def test_artifacts_and_prefect_results_are_in_the_bucket(first_run, services):
+    keys = []
+    for page in services["s3"].get_paginator("list_objects_v2").paginate(Bucket="posttrain", Prefix="runs/"):
+        keys += [o["Key"] for o in page.get("Contents", [])]
+    for stage in STAGES:
+        assert any(k.startswith(f"runs/{stage}/") and k.endswith("/MANIFEST.json") for k in keys), stage
+    assert any(k.startswith("runs/align/") and k.endswith("model.safetensors") for k in keys)
+    assert any(k.startswith("runs/prefect-results/") for k in keys)
+
+
+def test_mlflow_server_holds_curves_tables_and_a_loadable_policy(first_run, services, tmp_path):
+    import mlflow
+    from transformers import AutoModelForCausalLM
+
+    client, parent = _mlflow_parent(services, str(first_run.id))
+    children = {r.data.tags["posttrain.stage"]: r for r in client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    assert set(children) == set(STAGES)
+    assert len(client.get_metric_history(children["sft"].info.run_id, "loss")) >= 3
+    table = json.loads(Path(client.download_artifacts(children["evaluate"].info.run_id, "samples/generations.json",
+                                                      str(tmp_path))).read_text())
+    assert {"prompt", "sft", "policy"} <= set(table["columns"])
+    mlflow.set_tracking_uri(services["mlflow_uri"])
+    local = mlflow.artifacts.download_artifacts(f"runs:/{children['align'].info.run_id}/policy",
+                                                dst_path=str(tmp_path / "policy"))
+    assert AutoModelForCausalLM.from_pretrained(local).num_parameters() > 0
+    stored = services["s3"].list_objects_v2(Bucket="mlflow-artifacts").get("Contents", [])
+    assert any(o["Key"].endswith("policy/model.safetensors") for o in stored), "MLflow artifacts live on S3"
+
+
+def test_run_publishes_prefect_artifacts(first_run, prefect_client):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    artifacts = prefect_client.read_artifacts(
+        artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[first_run.id])))
+    by_key = {a.key: a for a in artifacts}
+    assert {"posttrain-stages", "posttrain-report", "posttrain-sample-generations"} <= set(by_key)
+    report = by_key["posttrain-report"].data
+    assert "s3://posttrain/runs/sft/" in report and "/#/experiments/" in report
+
+
+def test_no_credentials_reach_mlflow_or_prefect(first_run, services, prefect_client, tmp_path):
+    client, parent = _mlflow_parent(services, str(first_run.id))
+    runs = [parent, *client.search_runs([parent.info.experiment_id],
+                                        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")]
+    for run in runs:
+        text = json.dumps({"params": run.data.params, "tags": run.data.tags})
+        assert SECRET not in text and ACCESS_KEY not in text
+    resolved = Path(client.download_artifacts(parent.info.run_id, "config/resolved.yaml", str(tmp_path))).read_text()
+    assert SECRET not in resolved and yaml.safe_load(resolved)["storage"]["root"] == "s3://posttrain/runs"
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    logs = prefect_client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[first_run.id])))
+    assert logs and not any(SECRET in log.message or ACCESS_KEY in log.message for log in logs)
+    assert SECRET not in json.dumps(prefect_client.read_flow_run(first_run.id).parameters)
+
+
+def test_second_run_with_same_parameters_is_all_cache_hits_from_s3(first_run, prefect_client, deployment, services):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    second = _trigger_and_wait(prefect_client, deployment, {"config": _config_with(deployment, align__beta=0.15)})
+    assert second.state.is_completed()
+    tasks = prefect_client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[second.id])))
+    assert {t.name.rsplit("-", 1)[0]: t.state.name for t in tasks} == {s: "Cached" for s in STAGES}
+    _, parent = _mlflow_parent(services, str(second.id))
+    assert {parent.data.tags[f"posttrain.status.{s}"] for s in STAGES} == {"cached"}
+    # The worker's local artifact cache was never used: outputs and results were read back from S3.
+    assert not (Path(services["env"]["POSTTRAIN_HOME"]) / "artifacts").exists()
