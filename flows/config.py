@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tasks.align import AlignConfig
 from tasks.data import DataConfig
@@ -56,6 +56,26 @@ class TrackingConfig(Section):
     )
 
 
+STAGES = ("prepare_data", "pretrain", "sft", "reward", "align", "evaluate")
+
+
+class OrchestrationConfig(Section):
+    stage_pools: dict[str, str] = Field(
+        default_factory=dict,
+        description="Send a stage to another Prefect work pool, e.g. {sft: k8s-gpu, evaluate: cpu}: the stage "
+        "runs as a flow run of the deployment posttrain-stage/<pool> (created by `posttrain deploy`). Stages "
+        "not listed run inside the pipeline's own process. Needs a shared storage.root (S3) and tracking.uri.",
+    )
+
+    @field_validator("stage_pools")
+    @classmethod
+    def _known_stages(cls, pools: dict[str, str]) -> dict[str, str]:
+        unknown = set(pools) - set(STAGES)
+        if unknown:
+            raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
+        return pools
+
+
 class PipelineConfig(Section):
     name: str = Field("posttrain", description="Pipeline name; the MLflow parent run is named after it.")
     seed: int = Field(0, description="Seed for data splits, initialisation, sampling and training order.")
@@ -71,6 +91,9 @@ class PipelineConfig(Section):
     reward: RewardStageConfig = Field(default_factory=RewardStageConfig, description="Reward modelling.")
     align: AlignConfig = Field(default_factory=AlignConfig, description="Alignment: DPO or RLHF.")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluation.")
+    orchestration: OrchestrationConfig = Field(
+        default_factory=OrchestrationConfig, description="Where stages run (work pools)."
+    )
 
     @model_validator(mode="after")
     def _base_model_named(self) -> "PipelineConfig":

@@ -12,6 +12,7 @@ from flows.config import PipelineConfig
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 ENTRYPOINT = "flows/pipeline.py:post_training_pipeline"
+STAGE_ENTRYPOINT = "flows/pipeline.py:run_stage_flow"
 
 
 def ensure_work_pool(name: str, pool_type: str = "process") -> None:
@@ -32,10 +33,17 @@ def ensure_work_pool(name: str, pool_type: str = "process") -> None:
 
 def deploy_pipeline(cfg: PipelineConfig, name: str, pool: str, cron: str | None = None,
                     timezone: str = "UTC", source: Path = PROJECT_DIR, pool_type: str = "process") -> str:
-    """Create or update the deployment `posttrain/<name>` with the recipe as its default parameters."""
+    """Create or update the deployment `posttrain/<name>` with the recipe as its default parameters, and
+    `posttrain-stage/<pool>` for every pool named in orchestration.stage_pools."""
     from prefect import flow as prefect_flow
     from prefect.schedules import Cron
 
+    for stage_pool in sorted(set(cfg.orchestration.stage_pools.values())):
+        ensure_work_pool(stage_pool, pool_type)
+        prefect_flow.from_source(source=str(source), entrypoint=STAGE_ENTRYPOINT).deploy(
+            name=stage_pool, work_pool_name=stage_pool, description=f"posttrain stages sent to pool {stage_pool!r}",
+            tags=["posttrain", "stage"], build=False, push=False, print_next_steps=False,
+        )
     ensure_work_pool(pool, pool_type)
     remote = prefect_flow.from_source(source=str(source), entrypoint=ENTRYPOINT)
     schedules = [Cron(cron, timezone=timezone)] if cron else None

@@ -20,7 +20,7 @@ from tasks.modeling import resolve_base_model
 from tasks.pretrain import pretrain_task
 from tasks.reward import reward_task
 from tasks.sft import sft_task
-from tasks.stage import record_cached_stage
+from tasks.stage import cache_key_for, record_cached_stage
 from tasks.store import ArtifactStore, Ref
 
 
@@ -48,18 +48,13 @@ class _Runner:
             except Exception as exc:
                 self._failed(task.name, 0.0, f"{type(exc).__name__}: {exc}")
         params = dict(config=config.model_dump(mode="json"), inputs=inputs, seed=self.cfg.seed, env=self.env)
-        task = task.with_options(result_storage=self.result_storage)
         started = time.monotonic()
-        state = task(**params, return_state=True)
-        cached = state.name == "Cached"
-        if cached and not self.store.exists(Ref.from_dict(state.result()["output"])):
-            get_run_logger().warning("%s: cached output is gone from the store; recomputing", task.name)
-            state = task.with_options(refresh_cache=True)(**params, return_state=True)
-            cached = False
+        pool = self.cfg.orchestration.stage_pools.get(task.name)
+        if pool:
+            result, cached = self._run_on_pool(task.name, pool, params, started)
+        else:
+            result, cached = self._run_here(task, params, started)
         seconds = time.monotonic() - started
-        if state.is_failed():
-            self._failed(task.name, seconds, _error_text(state))
-        result = state.result()
         run_id = record_cached_stage(result, self.env) if cached else result["mlflow_run_id"]
         self.outcomes.append({
             "name": task.name,
@@ -74,10 +69,48 @@ class _Runner:
         return result["output"]
 
 
+    def _run_here(self, task, params: dict, started: float) -> tuple[dict, bool]:
+        task = task.with_options(result_storage=self.result_storage)
+        state = task(**params, return_state=True)
+        cached = state.name == "Cached"
+        if cached and not self.store.exists(Ref.from_dict(state.result()["output"])):
+            get_run_logger().warning("%s: cached output is gone from the store; recomputing", task.name)
+            state = task.with_options(refresh_cache=True)(**params, return_state=True)
+            cached = False
+        if state.is_failed():
+            self._failed(task.name, time.monotonic() - started, _error_text(state))
+        return state.result(), cached
+
+    def _run_on_pool(self, stage: str, pool: str, params: dict, started: float) -> tuple[dict, bool]:
+        """Run the stage as a flow run of posttrain-stage/<pool> and read its output from the shared store."""
+        from prefect.deployments import run_deployment
+
+        flow_run = run_deployment(f"posttrain-stage/{pool}", parameters={"stage": stage, **params}, timeout=None)
+        if not flow_run.state.is_completed():
+            self._failed(stage, time.monotonic() - started, f"stage flow run {flow_run.id} on work pool {pool!r} "
+                         f"ended {flow_run.state.name}: {flow_run.state.message}")
+        key = cache_key_for(stage, params)
+        output = self.store.lookup(stage, key)
+        if output is None:
+            self._failed(stage, time.monotonic() - started, f"stage flow run {flow_run.id} left no output for {key}")
+        metadata = self.store.read_manifest(output.uri)["metadata"]
+        result = {"name": stage, "cache_key": key, "output": output.to_dict(), "metrics": metadata.get("metrics", {}),
+                  "mlflow_run_id": metadata.get("mlflow_run_id"), "reused": False}
+        return result, _task_was_cached(flow_run.id)
+
     def _failed(self, name: str, seconds: float, error: str):
         self.outcomes.append({"name": name, "status": "failed", "cache_key": None, "output_uri": None,
                               "mlflow_run_id": None, "seconds": round(seconds, 3), "metrics": {}, "error": error})
         raise PipelineFailed(f"stage {name} failed: {error}", {"stages": self.outcomes})
+
+
+def _task_was_cached(flow_run_id) -> bool:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return bool(runs) and all(r.state and r.state.name == "Cached" for r in runs)
 
 
 def _error_text(state) -> str:
@@ -105,6 +138,19 @@ def _result_storage(storage_root: str):
     block = RemoteFileSystem(basepath=path)
     block.save(f"posttrain-results-{hashlib.sha256(path.encode()).hexdigest()[:12]}", overwrite=True)
     return block
+
+
+STAGE_TASKS = {
+    "prepare_data": prepare_data_task, "pretrain": pretrain_task, "sft": sft_task,
+    "reward": reward_task, "align": align_task, "evaluate": evaluate_task,
+}
+
+
+@flow(name="posttrain-stage")
+def run_stage_flow(stage: str, config: dict, inputs: dict, seed: int, env: dict) -> None:
+    """One stage on another work pool (orchestration.stage_pools): the same cached task, the same store."""
+    task = STAGE_TASKS[stage].with_options(result_storage=_result_storage(env["storage_root"]))
+    task(config=config, inputs=inputs, seed=seed, env=env)
 
 
 @flow(name="posttrain")

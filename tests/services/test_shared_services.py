@@ -36,22 +36,28 @@ def prefect_client(services):
 
 @pytest.fixture(scope="module")
 def worker(services):
-    log = services["work"] / "worker.log"
-    proc = subprocess.Popen(["prefect", "worker", "start", "--pool", "svc-cpu", "--type", "process"],
-                            env=services["env"], cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    yield log
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    """A process worker for the pipeline's pool, and one for the pool evaluation is sent to."""
+    procs = []
+    for pool in ("svc-cpu", "svc-eval"):
+        log = services["work"] / f"worker-{pool}.log"
+        procs.append(subprocess.Popen(["prefect", "worker", "start", "--pool", pool, "--type", "process"],
+                                      env=services["env"], cwd=ROOT, stdout=open(log, "w"),
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+    yield services["work"] / "worker-svc-cpu.log"
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 @pytest.fixture(scope="module")
 def deployment(services, prefect_client):
     out = _posttrain(services["env"], "deploy", "--config", "configs/tiny.yaml", "--name", "tiny-services",
-                     "--pool", "svc-cpu", "--cron", "0 3 * * *", "--set", "storage.root=s3://posttrain/runs")
+                     "--pool", "svc-cpu", "--cron", "0 3 * * *", "--set", "storage.root=s3://posttrain/runs",
+                     "--set", "orchestration.stage_pools.evaluate=svc-eval")
     assert "deployment posttrain/tiny-services" in out
     return prefect_client.read_deployment_by_name(DEPLOYMENT)
 
@@ -86,6 +92,22 @@ def first_run(prefect_client, deployment, worker):
     return run
 
 
+def _child_flow_runs(client, flow_run_id):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    return client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+
+
+def _stage_task_states(client, flow_run_id):
+    """State of each stage task, in the pipeline's flow run or in a stage flow run it started."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    ids = [flow_run_id, *(r.id for r in _child_flow_runs(client, flow_run_id))]
+    tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+    return {t.name.rsplit("-", 1)[0]: t.state.name for t in tasks if t.name.rsplit("-", 1)[0] in STAGES}
+
+
 def _mlflow_parent(services, flow_run_id):
     from mlflow.tracking import MlflowClient
 
@@ -114,6 +136,14 @@ def test_triggered_run_with_overridden_parameter_completes(first_run, services):
     assert parent.info.status == "FINISHED"
     assert parent.data.params["align.beta"] == "0.15"
     assert {parent.data.tags[f"posttrain.status.{s}"] for s in STAGES} == {"completed"}
+
+
+def test_evaluation_ran_on_its_own_work_pool(first_run, prefect_client):
+    [child] = _child_flow_runs(prefect_client, first_run.id)
+    assert child.work_pool_name == "svc-eval" and child.state.is_completed()
+    assert prefect_client.read_deployment(child.deployment_id).name == "svc-eval"
+    assert child.parameters["stage"] == "evaluate"
+    assert _stage_task_states(prefect_client, first_run.id) == {s: "Completed" for s in STAGES}
 
 
 def test_artifacts_and_prefect_results_are_in_the_bucket(first_run, services):
@@ -149,8 +179,8 @@ def test_mlflow_server_holds_curves_tables_and_a_loadable_policy(first_run, serv
 def test_run_publishes_prefect_artifacts(first_run, prefect_client):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    artifacts = prefect_client.read_artifacts(
-        artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[first_run.id])))
+    ids = [first_run.id, *(r.id for r in _child_flow_runs(prefect_client, first_run.id))]
+    artifacts = prefect_client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)))
     by_key = {a.key: a for a in artifacts}
     assert {"posttrain-stages", "posttrain-report", "posttrain-sample-generations"} <= set(by_key)
     report = by_key["posttrain-report"].data
@@ -174,12 +204,9 @@ def test_no_credentials_reach_mlflow_or_prefect(first_run, services, prefect_cli
 
 
 def test_second_run_with_same_parameters_is_all_cache_hits_from_s3(first_run, prefect_client, deployment, services):
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
     second = _trigger_and_wait(prefect_client, deployment, {"config": _config_with(deployment, align__beta=0.15)})
     assert second.state.is_completed()
-    tasks = prefect_client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[second.id])))
-    assert {t.name.rsplit("-", 1)[0]: t.state.name for t in tasks} == {s: "Cached" for s in STAGES}
+    assert _stage_task_states(prefect_client, second.id) == {s: "Cached" for s in STAGES}
     _, parent = _mlflow_parent(services, str(second.id))
     assert {parent.data.tags[f"posttrain.status.{s}"] for s in STAGES} == {"cached"}
     # The worker's local artifact cache was never used: outputs and results were read back from S3.
