@@ -119,13 +119,18 @@ def _reward_model(path: Path, trust_remote_code: bool):
     return model.eval()
 
 
+def _train(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:
+    return align(AlignConfig(**config), inputs["data"], inputs["sft"], inputs.get("reward"), out, ctx.seed,
+                 ctx.callbacks("align"), ctx.trust_remote_code)
+
+
 def _work(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:
     from tasks import tracking
+    from tasks.launch import run_training
     from tasks.sft import log_training_split
 
     log_training_split(ctx, inputs["data"], "preference")
-    metrics = align(AlignConfig(**config), inputs["data"], inputs["sft"], inputs.get("reward"), out, ctx.seed,
-                    ctx.callbacks("align"), ctx.env.trust_remote_code)
+    metrics = run_training("tasks.align:_train", AlignConfig(**config).training, config, inputs, out, ctx)
     tracking.log_model_folder(ctx.env, ctx.run_id, out, "policy")
     return metrics
 

@@ -13,7 +13,7 @@ from tasks.store import digest_json
 ML_LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "tokenizers", "accelerate")
 
 # Modules whose source decides each stage's output. A change to any of them reruns the stage.
-_COMMON = ("tasks.modeling", "tasks.training")
+_COMMON = ("tasks.modeling", "tasks.training", "tasks.launch")
 STAGE_CODE = {
     "pretrain": ("tasks.pretrain", "tasks.synthetic", *_COMMON),
     "prepare_data": ("tasks.data", "tasks.synthetic"),

@@ -108,7 +108,7 @@ def _work(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:
 
     cfg = EvaluateConfig(**config)
     models = {name: inputs[name] for name in ("base", "sft", "policy") if name in inputs}
-    metrics = evaluate(cfg, inputs["data"], models, inputs["reward"], out, ctx.seed, ctx.env.trust_remote_code)
+    metrics = evaluate(cfg, inputs["data"], models, inputs["reward"], out, ctx.seed, ctx.trust_remote_code)
     rows = sample_table(out, cfg.table_rows)
     tracking.log_table(ctx.env.tracking_uri, ctx.run_id, rows, "samples/generations.json")
     tracking.log_artifacts(ctx.env.tracking_uri, ctx.run_id, out, "evaluation")

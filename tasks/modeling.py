@@ -68,7 +68,12 @@ def load_reward_model(source: str | Path, trust_remote_code: bool = False, dtype
 
 
 def save_model(model, tokenizer, out: Path) -> None:
-    """save_pretrained both, in safetensors; a PEFT model is merged first so later stages load plain weights."""
+    """save_pretrained both, in safetensors; a PEFT model is merged first so later stages load plain weights.
+    Under multi-process training only rank 0 writes."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     if getattr(model.config, "pad_token_id", None) is None:

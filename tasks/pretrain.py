@@ -76,7 +76,7 @@ def pretrain(cfg: PretrainConfig, texts: list[str], out: Path, seed: int, callba
     return metrics
 
 
-def _work(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:
+def _train(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:
     from tasks.data import DatasetSource, read_rows
 
     cfg = PretrainConfig(**config)
@@ -84,6 +84,12 @@ def _work(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:
     if not texts:
         raise ValueError(f"pretrain.corpus: {cfg.corpus} has no rows with a non-empty `text` field")
     return pretrain(cfg, texts, out, ctx.seed, ctx.callbacks("pretrain"))
+
+
+def _work(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:
+    from tasks.launch import run_training
+
+    return run_training("tasks.pretrain:_train", PretrainConfig(**config).training, config, inputs, out, ctx)
 
 
 def _stage_task():

@@ -69,12 +69,17 @@ def pairwise_accuracy(model, tokenizer, pairs) -> dict[str, float]:
     }
 
 
+def _train(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:
+    return train_reward(RewardStageConfig(**config), inputs["data"], inputs["init"], out, ctx.seed,
+                        ctx.callbacks("reward"), ctx.trust_remote_code)
+
+
 def _work(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:
+    from tasks.launch import run_training
     from tasks.sft import log_training_split
 
     log_training_split(ctx, inputs["data"], "preference")
-    return train_reward(RewardStageConfig(**config), inputs["data"], inputs["init"], out, ctx.seed,
-                        ctx.callbacks("reward"), ctx.env.trust_remote_code)
+    return run_training("tasks.reward:_train", RewardStageConfig(**config).training, config, inputs, out, ctx)
 
 
 def _stage_task():

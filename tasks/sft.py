@@ -52,10 +52,16 @@ def train_sft(cfg: SFTStageConfig, data: Path, base: Path, out: Path, seed: int,
     return metrics
 
 
-def _work(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:
-    log_training_split(ctx, inputs["data"], "sft")
+def _train(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:
     return train_sft(SFTStageConfig(**config), inputs["data"], inputs["base"], out, ctx.seed,
-                     ctx.callbacks("sft"), ctx.env.trust_remote_code)
+                     ctx.callbacks("sft"), ctx.trust_remote_code)
+
+
+def _work(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:
+    from tasks.launch import run_training
+
+    log_training_split(ctx, inputs["data"], "sft")
+    return run_training("tasks.sft:_train", SFTStageConfig(**config).training, config, inputs, out, ctx)
 
 
 def log_training_split(ctx, data: Path, kind: str) -> None:

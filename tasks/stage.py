@@ -47,17 +47,22 @@ class StageContext:
     """What a stage's work function may use besides its config, inputs and output folder."""
 
     seed: int
-    env: RunEnv
-    run_id: str
+    env: RunEnv | None
+    run_id: str | None  # None: nothing is logged (a non-zero rank, or a plain call)
     input_refs: dict[str, Ref] = field(default_factory=dict)
 
+    @property
+    def trust_remote_code(self) -> bool:
+        return bool(self.env and self.env.trust_remote_code)
+
     def log_step(self, metrics: dict[str, float], step: int) -> None:
-        tracking.log_metrics(self.env.tracking_uri, self.run_id, metrics, step)
+        if self.run_id and self.env:
+            tracking.log_metrics(self.env.tracking_uri, self.run_id, metrics, step)
 
     def callbacks(self, stage: str) -> list:
         from tasks.training import metrics_callback
 
-        return [metrics_callback(self.log_step, stage)]
+        return [metrics_callback(self.log_step, stage)] if self.run_id else []
 
 
 Work = Callable[[dict, dict[str, Any], Path, StageContext], dict[str, float]]

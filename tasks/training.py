@@ -48,6 +48,13 @@ class TrainingSettings(Section):
         False, description="Force deterministic torch kernels (for bit-exact GPU reruns; CPU runs are exact anyway)."
     )
     lora: LoraSettings = Field(default_factory=LoraSettings, description="Parameter-efficient fine-tuning.")
+    processes: int = Field(1, ge=1, description="Training processes on this machine (DDP): gloo on CPU, NCCL on GPUs.")
+    launcher: Literal["torchrun", "accelerate"] = Field(
+        "torchrun", description="How processes > 1 are started: torchrun, or accelerate launch (for DeepSpeed/FSDP)."
+    )
+    accelerate_config: str | None = Field(
+        None, description="accelerate config file (DeepSpeed / FSDP) used with launcher=accelerate."
+    )
 
 
 def seed_everything(seed: int, deterministic_kernels: bool = False) -> None:
@@ -130,7 +137,7 @@ def metrics_callback(log: Callable[[dict[str, float], int], None], stage: str):
 
 def final_train_metrics(trainer, prefix: str = "train") -> dict[str, float]:
     history = [h for h in trainer.state.log_history if "loss" in h]
-    out = {f"{prefix}/steps": float(trainer.state.global_step)}
+    out = {f"{prefix}/steps": float(trainer.state.global_step), f"{prefix}/processes": float(trainer.args.world_size)}
     runtime = [h["train_runtime"] for h in trainer.state.log_history if "train_runtime" in h]
     if runtime:
         out[f"{prefix}/runtime_seconds"] = float(runtime[-1])

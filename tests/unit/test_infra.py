@@ -94,6 +94,8 @@ def test_prefect_yaml_deployments_point_at_real_flows_and_pools(prefect_yaml, co
         assert (ROOT / path).exists(), deployment["entrypoint"]
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
         assert hasattr(getattr(module, name), "deploy"), f"{deployment['entrypoint']} is not a Prefect flow"
+        if name == "run_stage_flow":  # the pipeline looks stage deployments up as posttrain-stage/<pool>
+            assert deployment["name"] == deployment["work_pool"]["name"]
         for schedule in deployment.get("schedules", []):
             from prefect.schedules import Cron
 
