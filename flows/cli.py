@@ -84,19 +84,64 @@ def cmd_run(args) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return _run_pipeline(config, args.summary_json, home)[0]
+
+
+def _run_pipeline(config, summary_json: str | None, home: Path, run_tags: dict | None = None) -> tuple[int, dict]:
     from flows.pipeline import PipelineFailed, post_training_pipeline
 
     try:
-        summary = post_training_pipeline(config=config)
+        summary = post_training_pipeline(config=config, run_tags=run_tags)
         code = 0
     except PipelineFailed as e:
         summary, code = e.summary, 1
         print(f"error: {e}", file=sys.stderr)
-    if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
+    if summary_json:
+        Path(summary_json).write_text(json.dumps(summary, indent=2, default=str))
     print_summary(summary, home)
     ok = all(s["status"] in ("completed", "cached") for s in summary["stages"])
-    return code if code else (0 if ok else 1)
+    return (code if code else (0 if ok else 1)), summary
+
+
+def cmd_reproduce(args) -> int:
+    import tempfile
+
+    home = _prepare_environment()
+    _setup_logging()
+    from flows.reproduce import ReproduceError, compare, prepare_reproduction, read_recorded
+
+    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home}/mlflow.db"
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            recorded = read_recorded(args.run_id, tracking_uri, Path(scratch))
+        config, tags = prepare_reproduction(recorded, tracking_uri, args.allow_code_change, args.allow_input_change)
+    except ReproduceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    print(f"reproducing {args.run_id} into {config.storage.root}", file=sys.stderr)
+    code, summary = _run_pipeline(config, args.summary_json, home, tags)
+    if code:
+        return code
+    rows = compare(recorded, summary, args.rtol)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"reproduction {summary['mlflow_run_id']} vs original {args.run_id}")
+    for column in ("metric", "original", "reproduction", "equal"):
+        table.add_column(column)
+    for name, a, b, same in rows:
+        table.add_row(name, a, b, "[green]yes" if same else "[red]NO")
+    Console().print(table)
+    differ = [r[0] for r in rows if not r[3]]
+    from tasks import tracking
+
+    tracking.set_tags(summary["tracking_uri"] if "***" not in summary["tracking_uri"] else tracking_uri,
+                      summary["mlflow_run_id"], {"posttrain.reproduce.agrees": not differ})
+    if differ:
+        print(f"reproduction differs in {len(differ)} value(s): {', '.join(differ[:10])}", file=sys.stderr)
+        return 4
+    print("reproduction agrees with the original: every metric and every output digest is equal", file=sys.stderr)
+    return 0
 
 
 def cmd_deploy(args) -> int:
@@ -126,6 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. align.beta=0.2")
     run.add_argument("--summary-json", metavar="PATH", help="write the run summary as JSON")
     run.set_defaults(func=cmd_run)
+    rep = sub.add_parser("reproduce", help="rerun a past pipeline run from what MLflow holds and compare")
+    rep.add_argument("run_id", help="the MLflow run id of the pipeline (parent) run")
+    rep.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the state folder's)")
+    rep.add_argument("--summary-json", metavar="PATH", help="write the reproduction's run summary as JSON")
+    rep.add_argument("--allow-code-change", action="store_true",
+                     help="rerun even if the source or library versions differ from the recorded ones")
+    rep.add_argument("--allow-input-change", action="store_true",
+                     help="rerun even if an input data set's digest differs from the recorded one")
+    rep.add_argument("--rtol", type=float, default=0.0, help="relative tolerance for metrics (default 0: exact)")
+    rep.set_defaults(func=cmd_reproduce)
     deploy = sub.add_parser("deploy", help="register the recipe as a scheduled Prefect deployment")
     deploy.add_argument("--config", help="YAML recipe (default: configs/demo.yaml); its config is the default parameter")
     deploy.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field of the recipe")

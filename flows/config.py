@@ -60,6 +60,12 @@ STAGES = ("prepare_data", "pretrain", "sft", "reward", "align", "evaluate")
 
 
 class OrchestrationConfig(Section):
+    retries: int = Field(3, ge=0, description="Retries of a stage that failed with a transient error (I/O, network, "
+                         "HTTP 5xx, timeouts); bad config or data fail at once.")
+    retry_delay_seconds: list[float] = Field(
+        default_factory=lambda: [10.0, 60.0, 300.0],
+        description="Backoff before each retry (the last value repeats).",
+    )
     stage_pools: dict[str, str] = Field(
         default_factory=dict,
         description="Send a stage to another Prefect work pool, e.g. {sft: k8s-gpu, evaluate: cpu}: the stage "

@@ -30,6 +30,17 @@ def git_commit() -> tuple[str, bool]:
         return "unknown", False
 
 
+def source_digest() -> str:
+    """Digest of the project's Python source (flows/ and tasks/): equal code, equal digest, git or not."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted([*SOURCE_DIR.glob("flows/*.py"), *SOURCE_DIR.glob("tasks/*.py")]):
+        h.update(path.relative_to(SOURCE_DIR).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 def _flow_run_id() -> str:
     from prefect.runtime import flow_run
 
@@ -43,7 +54,7 @@ def _artifact_location(tracking_uri: str) -> str | None:
     return None
 
 
-def open_pipeline_run(cfg: PipelineConfig) -> dict:
+def open_pipeline_run(cfg: PipelineConfig, extra_tags: dict[str, str] | None = None) -> dict:
     """Create the parent run (params, resolved config, versions, commit) and return the stages' RunEnv."""
     uri = cfg.tracking.uri
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment, _artifact_location(uri))
@@ -54,9 +65,11 @@ def open_pipeline_run(cfg: PipelineConfig) -> dict:
         "posttrain.kind": "pipeline",
         "mlflow.source.git.commit": commit,
         "posttrain.git_dirty": dirty,
+        "posttrain.source_digest": source_digest(),
         "prefect.flow_run_id": _flow_run_id(),
         "posttrain.command": tracking.redact(" ".join(sys.argv))[:500],
         **{f"posttrain.version.{k}": v for k, v in versions.items()},
+        **(extra_tags or {}),
     }
     run_id = tracking.start_run(uri, experiment_id, cfg.name, tags)
     resolved = tracking.redact(cfg.model_dump(mode="json"))

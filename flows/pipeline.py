@@ -70,7 +70,9 @@ class _Runner:
 
 
     def _run_here(self, task, params: dict, started: float) -> tuple[dict, bool]:
-        task = task.with_options(result_storage=self.result_storage)
+        o = self.cfg.orchestration
+        task = task.with_options(result_storage=self.result_storage, retries=o.retries,
+                                 retry_delay_seconds=o.retry_delay_seconds or 0)
         state = task(**params, return_state=True)
         cached = state.name == "Cached"
         if cached and not self.store.exists(Ref.from_dict(state.result()["output"])):
@@ -154,10 +156,11 @@ def run_stage_flow(stage: str, config: dict, inputs: dict, seed: int, env: dict)
 
 
 @flow(name="posttrain")
-def post_training_pipeline(config: PipelineConfig | None = None) -> dict:
-    """Run every post-training stage of one recipe (default: configs/demo.yaml); returns the run summary."""
+def post_training_pipeline(config: PipelineConfig | None = None, run_tags: dict[str, str] | None = None) -> dict:
+    """Run every post-training stage of one recipe (default: configs/demo.yaml); returns the run summary.
+    `run_tags` are added to the MLflow parent run (e.g. what run this reproduces)."""
     cfg = (config or load_config()).resolved()
-    env = open_pipeline_run(cfg)
+    env = open_pipeline_run(cfg, run_tags)
     run = _Runner(cfg, env)
     error: BaseException | None = None
     try:

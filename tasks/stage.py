@@ -65,6 +65,45 @@ class StageContext:
         return [metrics_callback(self.log_step, stage)] if self.run_id else []
 
 
+_PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+_TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                    "ConnectError", "ReadTimeout", "ConnectTimeout", "RemoteDisconnected", "ServerDisconnectedError"}
+_TRANSIENT_MLFLOW_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: I/O and network errors, timeouts, HTTP 5xx/429 from S3 or MLflow. Not: bad config,
+    bad data, missing files, corrupted artifacts, programming errors (they fail the same way again)."""
+    if isinstance(exc, _PERMANENT_OS_ERRORS):
+        return False
+    if isinstance(exc, (OSError, TimeoutError)):
+        return True
+    if type(exc).__name__ in _TRANSIENT_NAMES:
+        return True
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    if status is None and isinstance(response, dict):  # botocore ClientError
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if status is not None and (int(status) >= 500 or int(status) == 429):
+        return True
+    if getattr(exc, "error_code", None) in _TRANSIENT_MLFLOW_CODES:
+        return True
+    cause = exc.__cause__ or exc.__context__
+    return cause is not None and cause is not exc and is_transient(cause)
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect retry_condition_fn: retry a failed stage only when its error is transient."""
+    try:
+        state.result()
+    except BaseException as exc:  # the task's exception
+        transient = is_transient(exc)
+        logger.warning("[%s] %s: %s (%s)", task.name, type(exc).__name__, exc,
+                       "transient, retrying" if transient else "not transient, not retrying")
+        return transient
+    return False
+
+
 Work = Callable[[dict, dict[str, Any], Path, StageContext], dict[str, float]]
 
 
@@ -167,6 +206,7 @@ def stage_task(stage: str, work: Work, log_inputs=None, **task_options):
         run,
         name=stage,
         cache_key_fn=lambda _ctx, parameters: cache_key_for(stage, parameters),
+        retry_condition_fn=retry_if_transient,
         persist_result=True,
         result_serializer="json",
         **task_options,

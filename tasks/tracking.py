@@ -21,7 +21,9 @@ TAG_CACHE_KEY = "posttrain.cache_key"
 
 
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
-_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|api_key|access_key)", re.IGNORECASE)
+_SECRET_KEY = re.compile(
+    r"(^|[_.-])(secret|password|passwd|token|api[_-]?key|access[_-]?key|secret[_-]?key|credentials?)$", re.IGNORECASE
+)
 
 
 def redact(value: Any) -> Any:

@@ -14,10 +14,12 @@ def test_flatten_nested_config():
 
 def test_secrets_are_redacted():
     cfg = {"tracking": {"uri": "https://alice:s3cr3t@mlflow.example.com"}, "aws_secret_access_key": "abc",
-           "token": "", "cache_key": "sft-1", "paths": ["s3://bucket/x", "http://u:p@h/"]}
+           "token": "", "cache_key": "sft-1", "max_new_tokens": 8, "hf_token": "hf_x",
+           "paths": ["s3://bucket/x", "http://u:p@h/"]}
     out = tracking.redact(cfg)
     assert out["tracking"]["uri"] == "https://***@mlflow.example.com"
     assert out["aws_secret_access_key"] == "***" and out["token"] == "" and out["cache_key"] == "sft-1"
+    assert out["max_new_tokens"] == 8 and out["hf_token"] == "***"
     assert out["paths"] == ["s3://bucket/x", "http://***@h/"]
     assert "s3cr3t" not in repr(out)
 
