@@ -74,21 +74,33 @@ def _headline(stage: dict) -> dict[str, float]:
     return {k: stage["metrics"][k] for k in _HEADLINES.get(stage["name"], ()) if k in stage["metrics"]}
 
 
-def cmd_run(args) -> int:
-    home = _prepare_environment()
-    _setup_logging()
+def _load_recipe(args):
+    """The validated recipe, or None after printing the configuration error."""
     from flows.config import ConfigError, load_config
 
     try:
-        config = load_config(args.config, args.set or [])
+        return load_config(args.config, args.set or [])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    return _run_pipeline(config, args.summary_json, home)[0]
+        return None
+
+
+def cmd_run(args) -> int:
+    home = _prepare_environment()
+    _setup_logging()
+    config = _load_recipe(args)
+    return 2 if config is None else _run_pipeline(config, args.summary_json, home)[0]
 
 
 def _run_pipeline(config, summary_json: str | None, home: Path, run_tags: dict | None = None) -> tuple[int, dict]:
     from flows.pipeline import PipelineFailed, post_training_pipeline
+    from flows.preflight import PreflightError, preflight
+
+    try:
+        preflight(config)
+    except PreflightError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2, {}
 
     try:
         summary = post_training_pipeline(config=config, run_tags=run_tags)
@@ -146,12 +158,8 @@ def cmd_reproduce(args) -> int:
 
 def cmd_deploy(args) -> int:
     _prepare_environment()
-    from flows.config import ConfigError, load_config
-
-    try:
-        config = load_config(args.config, args.set or [])
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    config = _load_recipe(args)
+    if config is None:
         return 2
     from flows.deploy import deploy_pipeline
 
