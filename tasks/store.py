@@ -94,7 +94,8 @@ class ArtifactStore:
             root = str(Path(root).expanduser().resolve())
         self.root_uri = root.rstrip("/")
         self.fs, self.root_path = fsspec.core.url_to_fs(self.root_uri)
-        self.is_local = self.fs.protocol in ("file", "local") or "file" in tuple(self.fs.protocol)
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
+        self.is_local = bool({"file", "local"} & set(protocols))
         self.cache_dir = cache_dir or state_home() / "cache" / "artifacts"
 
     # ---- naming -------------------------------------------------------------------------
@@ -102,8 +103,7 @@ class ArtifactStore:
         return "/".join([self.root_path.rstrip("/"), *parts])
 
     def uri_for(self, stage: str, key: str) -> str:
-        prefix = self.root_uri if "://" in self.root_uri else self.root_uri
-        return f"{prefix}/{safe_component(stage, 'stage')}/{safe_component(key, 'cache key')}"
+        return f"{self.root_uri}/{safe_component(stage, 'stage')}/{safe_component(key, 'cache key')}"
 
     def _path_of_uri(self, uri: str) -> str:
         if not uri.startswith(self.root_uri + "/"):
