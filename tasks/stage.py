@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,7 +49,6 @@ class StageContext:
     seed: int
     env: RunEnv | None
     run_id: str | None  # None: nothing is logged (a non-zero rank, or a plain call)
-    input_refs: dict[str, Ref] = field(default_factory=dict)
 
     @property
     def trust_remote_code(self) -> bool:
@@ -125,8 +124,7 @@ def materialize_input(store: ArtifactStore, raw: dict) -> Path | str:
     return materialize_external(ref)
 
 
-def execute_stage(stage: str, work: Work, config: dict, inputs: dict[str, dict], seed: int, env: dict,
-                  log_inputs: Callable[[StageContext, dict[str, Path]], None] | None = None) -> dict:
+def execute_stage(stage: str, work: Work, config: dict, inputs: dict[str, dict], seed: int, env: dict) -> dict:
     """Run one stage: returns {name, cache_key, output, metrics, mlflow_run_id, seconds, reused}."""
     run_env = RunEnv(**env)
     key = cache_key_for(stage, {"config": config, "inputs": inputs, "seed": seed})
@@ -138,14 +136,12 @@ def execute_stage(stage: str, work: Work, config: dict, inputs: dict[str, dict],
         parent_run_id=run_env.parent_run_id,
     )
     started = time.monotonic()
-    ctx = StageContext(seed=seed, env=run_env, run_id=run_id, input_refs=refs)
+    ctx = StageContext(seed=seed, env=run_env, run_id=run_id)
     try:
         tracking.log_params(run_env.tracking_uri, run_id, tracking.flatten(tracking.redact(config)))
         tracking.set_tags(run_env.tracking_uri, run_id,
                           {f"posttrain.input.{n}": f"{r.uri}@{r.digest[:16]}" for n, r in refs.items()})
         local = {name: materialize_input(store, raw) for name, raw in inputs.items()}
-        if log_inputs:
-            log_inputs(ctx, local)
         existing = store.lookup(stage, key)
         if existing is not None:
             # Committed by an earlier run whose Prefect result record is gone: reuse, do not retrain.
@@ -194,12 +190,12 @@ def record_cached_stage(result: dict, env: dict) -> str:
     return run_id
 
 
-def stage_task(stage: str, work: Work, log_inputs=None, **task_options):
+def stage_task(stage: str, work: Work, **task_options):
     """The thin Prefect task for a stage: cached across runs on the stage's own cache key."""
     from prefect import task
 
     def run(config: dict, inputs: dict[str, dict], seed: int, env: dict) -> dict:
-        return execute_stage(stage, work, config, inputs, seed, env, log_inputs)
+        return execute_stage(stage, work, config, inputs, seed, env)
 
     run.__name__ = run.__qualname__ = f"run_{stage}"
     return task(
