@@ -68,11 +68,11 @@ class AlignConfig(Section):
 
 
 def align(cfg: AlignConfig, data: Path, sft: Path, reward: Path | None, out: Path, seed: int, callbacks=(),
-          trust_remote_code: bool = False) -> dict[str, float]:
+          trust_remote_code: bool = False, checkpoints=None) -> dict[str, float]:
     """Align the SFT model at `sft`; rlhf needs the reward model at `reward`. Saves the policy to `out`."""
     from tasks.data import load_split
     from tasks.modeling import load_causal_lm, load_tokenizer, save_model
-    from tasks.training import final_train_metrics, peft_config, seed_everything, trainer_kwargs
+    from tasks.training import final_train_metrics, train_with_checkpoints, peft_config, seed_everything, trainer_kwargs
 
     seed_everything(seed, cfg.training.deterministic_kernels)
     train = load_split(data, "preference", "train")
@@ -106,9 +106,9 @@ def align(cfg: AlignConfig, data: Path, sft: Path, reward: Path | None, out: Pat
                 args=args, train_dataset=prompts, reward_funcs=reward_model,
                 reward_processing_classes=load_tokenizer(reward, trust_remote_code), **common,
             )
-        trainer.train()
+        resumed = train_with_checkpoints(trainer, checkpoints)
     save_model(trainer.model, tokenizer, out)
-    return final_train_metrics(trainer)
+    return {**final_train_metrics(trainer), **resumed}
 
 
 def _reward_model(path: Path, trust_remote_code: bool):
@@ -121,7 +121,7 @@ def _reward_model(path: Path, trust_remote_code: bool):
 
 def _train(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:
     return align(AlignConfig(**config), inputs["data"], inputs["sft"], inputs.get("reward"), out, ctx.seed,
-                 ctx.callbacks("align"), ctx.trust_remote_code)
+                 ctx.callbacks("align"), ctx.trust_remote_code, ctx.checkpoints(AlignConfig(**config).training))
 
 
 def _work(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:

@@ -31,7 +31,8 @@ class PretrainConfig(Section):
     )
 
 
-def pretrain(cfg: PretrainConfig, texts: list[str], out: Path, seed: int, callbacks=()) -> dict[str, float]:
+def pretrain(cfg: PretrainConfig, texts: list[str], out: Path, seed: int, callbacks=(),
+             checkpoints=None) -> dict[str, float]:
     """Train a tokenizer and a LlamaForCausalLM from scratch on texts; save both to out."""
     import tempfile
 
@@ -40,7 +41,7 @@ def pretrain(cfg: PretrainConfig, texts: list[str], out: Path, seed: int, callba
     from trl import SFTConfig, SFTTrainer
 
     from tasks.modeling import build_tokenizer, save_model
-    from tasks.training import final_train_metrics, seed_everything, trainer_kwargs
+    from tasks.training import final_train_metrics, train_with_checkpoints, seed_everything, trainer_kwargs
 
     seed_everything(seed, cfg.training.deterministic_kernels)
     tokenizer = build_tokenizer(texts, cfg.vocab_size)
@@ -69,9 +70,9 @@ def pretrain(cfg: PretrainConfig, texts: list[str], out: Path, seed: int, callba
         trainer = SFTTrainer(
             model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks)
         )
-        trainer.train()
+        resumed = train_with_checkpoints(trainer, checkpoints)
     save_model(trainer.model, tokenizer, out)
-    metrics = final_train_metrics(trainer)
+    metrics = {**final_train_metrics(trainer), **resumed}
     metrics["model/parameters"] = float(sum(p.numel() for p in model.parameters()))
     return metrics
 
@@ -83,7 +84,7 @@ def _train(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:
     texts = [row["text"] for _, row in read_rows(DatasetSource(source=cfg.corpus)) if row.get("text")]
     if not texts:
         raise ValueError(f"pretrain.corpus: {cfg.corpus} has no rows with a non-empty `text` field")
-    return pretrain(cfg, texts, out, ctx.seed, ctx.callbacks("pretrain"))
+    return pretrain(cfg, texts, out, ctx.seed, ctx.callbacks("pretrain"), ctx.checkpoints(cfg.training))
 
 
 def _work(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:

@@ -21,13 +21,13 @@ class RewardStageConfig(Section):
 
 
 def train_reward(cfg: RewardStageConfig, data: Path, init: Path, out: Path, seed: int, callbacks=(),
-                 trust_remote_code: bool = False) -> dict[str, float]:
+                 trust_remote_code: bool = False, checkpoints=None) -> dict[str, float]:
     """Train a sequence-classification reward model from `init` on data/preference; report held-out accuracy."""
     from trl import RewardConfig, RewardTrainer
 
     from tasks.data import load_split
     from tasks.modeling import load_reward_model, load_tokenizer, save_model
-    from tasks.training import final_train_metrics, peft_config, seed_everything, trainer_kwargs
+    from tasks.training import final_train_metrics, train_with_checkpoints, peft_config, seed_everything, trainer_kwargs
 
     seed_everything(seed, cfg.training.deterministic_kernels)
     train, held_out = load_split(data, "preference", "train"), load_split(data, "preference", "eval")
@@ -46,8 +46,8 @@ def train_reward(cfg: RewardStageConfig, data: Path, init: Path, out: Path, seed
             model=model, args=args, train_dataset=train, processing_class=tokenizer,
             peft_config=peft_config(cfg.training.lora, task_type="SEQ_CLS"), callbacks=list(callbacks),
         )
-        trainer.train()
-        metrics = final_train_metrics(trainer)
+        resumed = train_with_checkpoints(trainer, checkpoints)
+        metrics = {**final_train_metrics(trainer), **resumed}
     if held_out is not None:
         metrics.update(pairwise_accuracy(trainer.model, tokenizer, held_out))
     save_model(trainer.model, tokenizer, out)
@@ -71,7 +71,8 @@ def pairwise_accuracy(model, tokenizer, pairs) -> dict[str, float]:
 
 def _train(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:
     return train_reward(RewardStageConfig(**config), inputs["data"], inputs["init"], out, ctx.seed,
-                        ctx.callbacks("reward"), ctx.trust_remote_code)
+                        ctx.callbacks("reward"), ctx.trust_remote_code,
+                        ctx.checkpoints(RewardStageConfig(**config).training))
 
 
 def _work(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:

@@ -19,13 +19,13 @@ class SFTStageConfig(Section):
 
 
 def train_sft(cfg: SFTStageConfig, data: Path, base: Path, out: Path, seed: int, callbacks=(),
-              trust_remote_code: bool = False) -> dict[str, float]:
+              trust_remote_code: bool = False, checkpoints=None) -> dict[str, float]:
     """Fine-tune the model at `base` on data/sft/train.jsonl; save the (merged) model to `out`."""
     from trl import SFTConfig, SFTTrainer
 
     from tasks.data import load_split
     from tasks.modeling import load_causal_lm, load_tokenizer, save_model
-    from tasks.training import final_train_metrics, peft_config, seed_everything, trainer_kwargs
+    from tasks.training import final_train_metrics, train_with_checkpoints, peft_config, seed_everything, trainer_kwargs
 
     seed_everything(seed, cfg.training.deterministic_kernels)
     train, held_out = load_split(data, "sft", "train"), load_split(data, "sft", "eval")
@@ -44,8 +44,8 @@ def train_sft(cfg: SFTStageConfig, data: Path, base: Path, out: Path, seed: int,
             model=model, args=args, train_dataset=train, processing_class=tokenizer,
             peft_config=peft_config(cfg.training.lora), callbacks=list(callbacks),
         )
-        trainer.train()
-        metrics = final_train_metrics(trainer)
+        resumed = train_with_checkpoints(trainer, checkpoints)
+        metrics = {**final_train_metrics(trainer), **resumed}
         if held_out is not None:
             metrics["eval/loss"] = float(trainer.evaluate(held_out)["eval_loss"])
     save_model(trainer.model, tokenizer, out)
@@ -54,7 +54,7 @@ def train_sft(cfg: SFTStageConfig, data: Path, base: Path, out: Path, seed: int,
 
 def _train(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:
     return train_sft(SFTStageConfig(**config), inputs["data"], inputs["base"], out, ctx.seed,
-                     ctx.callbacks("sft"), ctx.trust_remote_code)
+                     ctx.callbacks("sft"), ctx.trust_remote_code, ctx.checkpoints(SFTStageConfig(**config).training))
 
 
 def _work(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:

@@ -49,6 +49,8 @@ class StageContext:
     seed: int
     env: RunEnv | None
     run_id: str | None  # None: nothing is logged (a non-zero rank, or a plain call)
+    stage: str | None = None
+    cache_key: str | None = None
 
     @property
     def trust_remote_code(self) -> bool:
@@ -57,6 +59,14 @@ class StageContext:
     def log_step(self, metrics: dict[str, float], step: int) -> None:
         if self.run_id and self.env:
             tracking.log_metrics(self.env.tracking_uri, self.run_id, metrics, step)
+
+    def checkpoints(self, training):
+        """Store-backed checkpoints when training.checkpoint_steps is set and the stage has a store and key."""
+        if not training.checkpoint_steps or not (self.env and self.stage and self.cache_key):
+            return None
+        from tasks.checkpoints import StoreCheckpoints
+
+        return StoreCheckpoints(ArtifactStore(self.env.storage_root), self.stage, self.cache_key)
 
     def callbacks(self, stage: str) -> list:
         from tasks.training import metrics_callback
@@ -136,7 +146,7 @@ def execute_stage(stage: str, work: Work, config: dict, inputs: dict[str, dict],
         parent_run_id=run_env.parent_run_id,
     )
     started = time.monotonic()
-    ctx = StageContext(seed=seed, env=run_env, run_id=run_id)
+    ctx = StageContext(seed=seed, env=run_env, run_id=run_id, stage=stage, cache_key=key)
     try:
         tracking.log_params(run_env.tracking_uri, run_id, tracking.flatten(tracking.redact(config)))
         tracking.set_tags(run_env.tracking_uri, run_id,

@@ -177,6 +177,15 @@ class ArtifactStore:
         manifest = self.read_manifest(uri)
         return Ref(uri=uri, digest=manifest["digest"]) if manifest else None
 
+    def list_keys(self, stage: str, prefix: str = "") -> list[str]:
+        """Names of the keys under a stage that start with prefix (complete or not)."""
+        try:
+            entries = self.fs.ls(self._path(safe_component(stage, "stage")), detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
+        return [n for n in names if n.startswith(prefix)]
+
     def exists(self, ref: Ref) -> bool:
         manifest = self.read_manifest(ref.uri)
         return manifest is not None and manifest["digest"] == ref.digest

@@ -48,6 +48,10 @@ class TrainingSettings(Section):
         False, description="Force deterministic torch kernels (for bit-exact GPU reruns; CPU runs are exact anyway)."
     )
     lora: LoraSettings = Field(default_factory=LoraSettings, description="Parameter-efficient fine-tuning.")
+    checkpoint_steps: int = Field(
+        0, ge=0, description="Save a resumable checkpoint to the artifact store every N optimizer steps (0 = never); "
+        "a killed stage resumes from the newest one."
+    )
     processes: int = Field(1, ge=1, description="Training processes on this machine (DDP): gloo on CPU, NCCL on GPUs.")
     launcher: Literal["torchrun", "accelerate"] = Field(
         "torchrun", description="How processes > 1 are started: torchrun, or accelerate launch (for DeepSpeed/FSDP)."
@@ -95,7 +99,9 @@ def trainer_kwargs(t: TrainingSettings, scratch: Path, seed: int) -> dict:
         seed=seed,
         data_seed=seed,
         report_to="none",
-        save_strategy="no",
+        save_strategy="steps" if t.checkpoint_steps else "no",
+        save_steps=t.checkpoint_steps or 500,
+        save_total_limit=1,
         eval_strategy="no",
         dataloader_num_workers=0,
         disable_tqdm=not _show_progress(),
@@ -133,6 +139,23 @@ def metrics_callback(log: Callable[[dict[str, float], int], None], stage: str):
                 logger.info("[%s] step %d/%d %s", stage, state.global_step, state.max_steps, shown)
 
     return _StepLogger()
+
+
+def train_with_checkpoints(trainer, checkpoints=None) -> dict[str, float]:
+    """trainer.train(), resuming from the newest stored checkpoint when there is one; periodic checkpoints
+    (training.checkpoint_steps) are uploaded as they are written. Returns {"train/resumed_from_step"}."""
+    resume = None
+    if checkpoints is not None:
+        trainer.add_callback(checkpoints.callback())
+        resume = checkpoints.latest()
+    if resume is not None:
+        logger.info("resuming from checkpoint %s", resume)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if resume is None:
+        return {}
+    import json
+
+    return {"train/resumed_from_step": float(json.loads((resume / "trainer_state.json").read_text())["global_step"])}
 
 
 def final_train_metrics(trainer, prefix: str = "train") -> dict[str, float]:

@@ -32,6 +32,23 @@ def state_home(tmp_path_factory):
         os.environ["POSTTRAIN_HOME"] = old
 
 
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """The tiny recipe, its prepared data and a pretrained tiny base model, made by the plain functions."""
+    from flows.config import load_config
+    from tasks.data import prepare_data
+    from tasks.pretrain import pretrain
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    root = tmp_path_factory.mktemp("prepared")
+    (root / "data").mkdir()
+    prepare_data(cfg.data, root / "data", seed=0)
+    (root / "base").mkdir()
+    texts = [r["text"] for r in synthetic.generate("corpus", corpus_size=400)]
+    pretrain(cfg.pretrain, texts, root / "base", seed=0)
+    return cfg, root
+
+
 def write_data(folder: Path) -> dict[str, Path]:
     """The demo's synthetic parts as JSONL files, so a test can edit a row."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -8,26 +8,10 @@ that the run really had 2 processes and learned."""
 
 import pytest
 
-from flows.config import load_config
-from tasks import synthetic
-from tasks.data import prepare_data
 from tasks.launch import run_training
-from tasks.pretrain import pretrain
 from tasks.stage import StageContext
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    cfg = load_config("configs/tiny.yaml")
-    root = tmp_path_factory.mktemp("ddp")
-    (root / "data").mkdir()
-    prepare_data(cfg.data, root / "data", seed=0)
-    (root / "base").mkdir()
-    texts = [r["text"] for r in synthetic.generate("corpus", corpus_size=400)]
-    pretrain(cfg.pretrain, texts, root / "base", seed=0)
-    return cfg, root
 
 
 def _sft(cfg, root, name, processes, batch_size):

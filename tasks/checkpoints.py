@@ -1,0 +1,47 @@
+"""Periodic training checkpoints kept in the artifact store, so a killed stage resumes where it was.
+
+A checkpoint of stage S with cache key K at global step N is the store output
+`<root>/S.checkpoints/K-stepN/`, committed atomically like any output. The next attempt of the same
+stage (same key: same config, inputs, code and seed) resumes from the newest complete one; HF's
+Trainer restores the weights, optimizer, scheduler, RNG states and the position in the data.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from tasks.store import ArtifactStore
+
+
+class StoreCheckpoints:
+    def __init__(self, store: ArtifactStore, stage: str, cache_key: str):
+        self.store, self.area, self.key = store, f"{stage}.checkpoints", cache_key
+
+    def _name(self, step: int) -> str:
+        return f"{self.key}-step{step:09d}"
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint of this stage and key, as a local folder."""
+        for name in sorted(self.store.list_keys(self.area, prefix=f"{self.key}-step"), reverse=True):
+            ref = self.store.lookup(self.area, name)
+            if ref is not None:
+                return self.store.materialize(ref)
+        return None
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        from tasks.launch import is_main_process
+
+        outer = self
+
+        class _Upload(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                if not is_main_process():
+                    return
+                local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                with outer.store.write(outer.area, outer._name(state.global_step)) as out:
+                    shutil.copytree(local, out.path, dirs_exist_ok=True)
+
+        return _Upload()
