@@ -102,6 +102,7 @@ def _run_pipeline(config, summary_json: str | None, home: Path, run_tags: dict |
         print(f"error: {e}", file=sys.stderr)
         return 2, {}
 
+    _start_local_prefect_server()
     try:
         summary = post_training_pipeline(config=config, run_tags=run_tags)
         code = 0
@@ -113,6 +114,25 @@ def _run_pipeline(config, summary_json: str | None, home: Path, run_tags: dict |
     print_summary(summary, home)
     ok = all(s["status"] in ("completed", "cached") for s in summary["stages"])
     return (code if code else (0 if ok else 1)), summary
+
+
+def _start_local_prefect_server() -> None:
+    """Without PREFECT_API_URL, Prefect starts a temporary server on the state folder's database. Two
+    runs started at once would both migrate that database; start it under a file lock instead, so the
+    second run finds the database ready."""
+    import fcntl
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME
+
+    if PREFECT_API_URL.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    home = Path(PREFECT_HOME.value())
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "posttrain-server-start.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        SubprocessASGIServer().start()
 
 
 def cmd_reproduce(args) -> int:

@@ -75,13 +75,24 @@ class _Runner:
                                  retry_delay_seconds=o.retry_delay_seconds or 0)
         state = task(**params, return_state=True)
         cached = state.name == "Cached"
-        if cached and not self.store.exists(Ref.from_dict(state.result()["output"])):
-            get_run_logger().warning("%s: cached output is gone from the store; recomputing", task.name)
+        if cached and self._unusable(task.name, Ref.from_dict(state.result()["output"])):
             state = task.with_options(refresh_cache=True)(**params, return_state=True)
             cached = False
         if state.is_failed():
             self._failed(task.name, time.monotonic() - started, _error_text(state))
         return state.result(), cached
+
+    def _unusable(self, stage: str, ref: Ref) -> bool:
+        """A cache hit whose output is gone or corrupted in the store: quarantine what is bad, recompute."""
+        problem = self.store.problem(ref)
+        if problem is None:
+            return False
+        if self.store.exists(ref):  # committed, but a file no longer matches its digest
+            aside = self.store.quarantine(ref.uri, problem)
+            get_run_logger().warning("%s: %s; moved its manifest to %s and recomputing", stage, problem, aside)
+        else:
+            get_run_logger().warning("%s: cached output unusable (%s); recomputing", stage, problem)
+        return True
 
     def _run_on_pool(self, stage: str, pool: str, params: dict, started: float) -> tuple[dict, bool]:
         """Run the stage as a flow run of posttrain-stage/<pool> and read its output from the shared store."""

@@ -8,10 +8,13 @@ Trainer restores the weights, optimizer, scheduler, RNG states and the position 
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
-from tasks.store import ArtifactStore
+from tasks.store import ArtifactError, ArtifactStore
+
+logger = logging.getLogger("posttrain")
 
 
 class StoreCheckpoints:
@@ -25,8 +28,13 @@ class StoreCheckpoints:
         """The newest complete checkpoint of this stage and key, as a local folder."""
         for name in sorted(self.store.list_keys(self.area, prefix=f"{self.key}-step"), reverse=True):
             ref = self.store.lookup(self.area, name)
-            if ref is not None:
+            if ref is None:
+                continue
+            try:
                 return self.store.materialize(ref)
+            except ArtifactError as e:  # corrupted: set it aside and fall back to an older one
+                aside = self.store.quarantine(ref.uri, str(e))
+                logger.warning("checkpoint %s is unusable (%s); moved its manifest to %s", name, e, aside)
         return None
 
     def callback(self):

@@ -164,6 +164,9 @@ def execute_stage(stage: str, work: Work, config: dict, inputs: dict[str, dict],
                 pending.metadata = {"metrics": metrics, "mlflow_run_id": run_id, "config": config,
                                     "inputs": {n: r.to_dict() for n, r in refs.items()}, "seed": seed}
             output = pending.ref
+            if pending.superseded_by is not None:  # a concurrent run with the same key committed first
+                logger.info("[%s] another run committed %s first; using its output", stage, key)
+                existing, metrics = output, pending.superseded_by["metadata"].get("metrics", metrics)
         seconds = time.monotonic() - started
         tracking.log_metrics(run_env.tracking_uri, run_id, {**metrics, "stage/seconds": seconds})
         tracking.set_tags(run_env.tracking_uri, run_id, {"posttrain.output_uri": output.uri,

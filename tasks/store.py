@@ -6,8 +6,11 @@ Layout under the store root::
     <root>/<stage>/<cache_key>/MANIFEST.json           written last; names the attempt and every file's digest
 
 An output exists only once its manifest does, so a stage killed half-way leaves an orphan attempt
-folder that nothing reads as complete. Two writers of the same key write separate attempts and the
-last manifest wins; both describe identical content because the key fixes the content.
+folder that nothing reads as complete. The manifest is created exclusively: when two runs write the
+same key at once, the first to commit wins, the other removes its own attempt and hands on the
+winner's reference, so one key never holds two outputs. A corrupted output (a file that no longer
+matches its digest) is quarantined: its manifest is renamed aside, the files stay for inspection,
+and the key is free to be computed again.
 """
 
 from __future__ import annotations
@@ -124,13 +127,14 @@ class ArtifactStore:
             local = Path(tempfile.mkdtemp(prefix=f"posttrain-{stage}-"))
             cleanup = True
         pending = PendingOutput(local)
+        remote_attempt = f"{base}/attempt-{attempt}"
         try:
             yield pending
             files = directory_manifest(local)
             if not files:
                 raise ArtifactError(f"stage {stage} wrote no files; refusing to commit an empty output")
             if not self.is_local:
-                self.fs.put(str(local) + "/", f"{base}/attempt-{attempt}/", recursive=True)
+                self.fs.put(str(local) + "/", remote_attempt + "/", recursive=True)
             manifest = {
                 "stage": stage,
                 "cache_key": key,
@@ -139,30 +143,59 @@ class ArtifactStore:
                 "digest": content_digest(files),
                 "metadata": pending.metadata,
             }
-            self._write_manifest(base, manifest)
+            winner = self._create_manifest(base, manifest)
+            if winner is not None:  # another run committed this key first: keep one output, theirs
+                self._remove_attempt(local if self.is_local else remote_attempt)
+                pending.superseded_by = winner
+                manifest = winner
             pending.ref = Ref(uri=self.uri_for(stage, key), digest=manifest["digest"])
         except BaseException:
-            if self.is_local:
-                shutil.rmtree(local, ignore_errors=True)
+            self._remove_attempt(local if self.is_local else remote_attempt)
             raise
         finally:
             if cleanup:
                 shutil.rmtree(local, ignore_errors=True)
 
-    def _write_manifest(self, base: str, manifest: dict) -> None:
+    def _remove_attempt(self, path) -> None:
+        """Best effort: an attempt nothing will read (no manifest names it) is only wasted space."""
+        if self.is_local:
+            shutil.rmtree(path, ignore_errors=True)
+            return
+        try:
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+        except Exception:  # the store may be the thing that is failing; the orphan is harmless
+            pass
+
+    def _create_manifest(self, base: str, manifest: dict) -> dict | None:
+        """Commit the manifest unless the key already has one; returns the existing manifest if so."""
         data = json.dumps(manifest, indent=1, sort_keys=True).encode()
         target = f"{base}/{MANIFEST}"
         if self.is_local:
             tmp = Path(base) / f".{MANIFEST}.{uuid.uuid4().hex}"
             tmp.write_bytes(data)
-            os.replace(tmp, target)  # atomic on POSIX
-        else:
-            with self.fs.open(target, "wb") as f:  # a single PUT: visible whole or not at all
-                f.write(data)
+            try:
+                os.link(tmp, target)  # atomic, and fails if the manifest exists: exactly one writer wins
+            except FileExistsError:
+                return json.loads(Path(target).read_bytes())
+            finally:
+                tmp.unlink(missing_ok=True)
+            return None
+        # One PUT, visible whole or not at all; If-None-Match makes it exclusive where the endpoint
+        # supports conditional writes (AWS S3, MinIO), else the last of two identical writers wins.
+        existing = self._read_json(target)
+        if existing is not None:
+            return existing
+        try:
+            self.fs.pipe_file(target, data, mode="create")
+        except OSError:
+            existing = self._read_json(target)
+            if existing is None:
+                raise
+            return existing
+        return None
 
-    # ---- reading ------------------------------------------------------------------------
-    def read_manifest(self, uri: str) -> dict | None:
-        path = f"{self._path_of_uri(uri)}/{MANIFEST}"
+    def _read_json(self, path: str) -> dict | None:
         if hasattr(self.fs, "invalidate_cache"):
             self.fs.invalidate_cache(path)
         try:
@@ -170,6 +203,19 @@ class ArtifactStore:
                 return json.loads(f.read())
         except FileNotFoundError:
             return None
+
+    def quarantine(self, uri: str, reason: str) -> str:
+        """Take a corrupted output out of use: rename its manifest aside (files kept for inspection)
+        so the key can be computed again. Returns where the old manifest went."""
+        base = self._path_of_uri(uri)
+        aside = f"{base}/{MANIFEST}.corrupt-{uuid.uuid4().hex[:8]}"
+        self.fs.mv(f"{base}/{MANIFEST}", aside)
+        self.fs.pipe_file(f"{aside}.reason.txt", reason.encode())
+        return aside
+
+    # ---- reading ------------------------------------------------------------------------
+    def read_manifest(self, uri: str) -> dict | None:
+        return self._read_json(f"{self._path_of_uri(uri)}/{MANIFEST}")
 
     def lookup(self, stage: str, key: str) -> Ref | None:
         """The committed output for (stage, key), if one exists."""
@@ -189,6 +235,31 @@ class ArtifactStore:
     def exists(self, ref: Ref) -> bool:
         manifest = self.read_manifest(ref.uri)
         return manifest is not None and manifest["digest"] == ref.digest
+
+    def problem(self, ref: Ref) -> str | None:
+        """Why the output cannot be used as `ref` (missing, replaced, a file corrupted), or None if it can.
+        Local files are hashed; remote ones are checked by size here and hashed when materialized."""
+        manifest = self.read_manifest(ref.uri)
+        if manifest is None:
+            return f"{ref.uri} has no {MANIFEST}"
+        if manifest["digest"] != ref.digest:
+            return f"{ref.uri} holds content {manifest['digest'][:12]}, not the expected {ref.digest[:12]}"
+        remote_dir = f"{self._path_of_uri(ref.uri)}/{manifest['attempt']}"
+        if self.is_local:
+            try:
+                _check(Path(remote_dir), manifest, ref)
+            except ArtifactError as e:
+                return str(e)
+            return None
+        try:
+            sizes = {p[len(remote_dir) + 1:]: info["size"] for p, info in
+                     self.fs.find(remote_dir, detail=True, withdirs=False).items()}
+        except FileNotFoundError:
+            sizes = {}
+        for name, meta in manifest["files"].items():
+            if sizes.get(name) != meta["size"]:
+                return f"{ref.uri}: file {name} is missing or has the wrong size (corrupted)"
+        return None
 
     def materialize(self, ref: Ref, verify: bool = True) -> Path:
         """A local folder holding the output's files, checked against the recorded digests."""
@@ -226,6 +297,7 @@ class PendingOutput:
         self.path = path
         self.metadata: dict = {}
         self.ref: Ref | None = None
+        self.superseded_by: dict | None = None  # the manifest of a run that committed the same key first
 
 
 def _ensure(path: Path) -> Path:

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -69,11 +70,84 @@ def test_corruption_is_detected(tmp_path):
         store.materialize(Ref(uri=ref.uri, digest="f" * 64))
 
 
-def test_two_writers_of_one_key_both_leave_a_complete_output(tmp_path):
+def test_a_second_writer_of_one_key_keeps_the_first_output_and_removes_its_own(tmp_path):
     store = ArtifactStore(str(tmp_path))
-    first, second = _write(store), _write(store)
-    assert first == second
-    assert (store.materialize(second) / "model.bin").read_bytes() == b"weights"
+    first = _write(store)
+    with store.write("sft", "sft-abc") as late:
+        (late.path / "model.bin").write_bytes(b"weights")
+    assert late.ref == first and late.superseded_by["digest"] == first.digest
+    assert len(list((tmp_path / "sft" / "sft-abc").glob("attempt-*"))) == 1, "the loser's attempt is removed"
+    assert (store.materialize(first) / "model.bin").read_bytes() == b"weights"
+
+
+def test_racing_writers_leave_exactly_one_output(tmp_path):
+    """Eight writers commit the same key at the same moment: one manifest, one attempt, one reference."""
+    import threading
+
+    store, barrier, refs = ArtifactStore(str(tmp_path)), threading.Barrier(8), []
+
+    def writer(i):
+        with store.write("sft", "sft-race") as out:
+            (out.path / "model.bin").write_bytes(b"weights")
+            barrier.wait()
+        refs.append(out.ref)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(refs)) == 1 and len(refs) == 8
+    manifest = json.loads((tmp_path / "sft" / "sft-race" / MANIFEST).read_text())
+    assert [p.name for p in (tmp_path / "sft" / "sft-race").glob("attempt-*")] == [manifest["attempt"]]
+    assert not list((tmp_path / "sft" / "sft-race").glob(".MANIFEST*")), "no temporary manifest is left"
+
+
+def test_a_corrupted_output_is_named_and_quarantined(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    ref = _write(store)
+    assert store.problem(ref) is None
+    attempt = next((tmp_path / "sft" / "sft-abc").glob("attempt-*"))
+    (attempt / "model.bin").write_bytes(b"weightz")
+    problem = store.problem(ref)
+    assert "model.bin does not match its recorded sha256" in problem
+    aside = store.quarantine(ref.uri, problem)
+    assert store.lookup("sft", "sft-abc") is None, "the key is free to be computed again"
+    assert (attempt / "model.bin").exists(), "the bad files stay for inspection"
+    assert "model.bin" in Path(aside + ".reason.txt").read_text()
+    assert _write(store) == ref, "a recomputed output takes the key"
+
+
+def test_a_corrupted_checkpoint_falls_back_to_an_older_one(tmp_path):
+    from tasks.checkpoints import StoreCheckpoints
+
+    store = ArtifactStore(str(tmp_path))
+    for step in (4, 8):
+        with store.write("sft.checkpoints", f"k-step{step:09d}") as out:
+            (out.path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    newest = next((tmp_path / "sft.checkpoints" / "k-step000000008").glob("attempt-*"))
+    (newest / "trainer_state.json").write_text("{}")
+    latest = StoreCheckpoints(store, "sft", "k").latest()
+    assert json.loads((latest / "trainer_state.json").read_text())["global_step"] == 4
+    assert store.lookup("sft.checkpoints", "k-step000000008") is None
+
+
+def test_on_s3_the_first_commit_wins_and_corruption_is_found_by_size(s3_env):
+    from tests.servers import s3_client
+
+    s3_client(s3_env["aws"]).create_bucket(Bucket="store-unit")
+    store = ArtifactStore("s3://store-unit/root")
+    first = _write(store)
+    with store.write("sft", "sft-abc") as late:
+        (late.path / "model.bin").write_bytes(b"weights")
+    assert late.ref == first and late.superseded_by is not None
+    assert len([p for p in store.fs.ls("store-unit/root/sft/sft-abc", refresh=True) if "attempt-" in p]) == 1
+    assert store.problem(first) is None
+    manifest = store.read_manifest(first.uri)
+    store.fs.pipe_file(f"store-unit/root/sft/sft-abc/{manifest['attempt']}/model.bin", b"short")
+    assert "model.bin is missing or has the wrong size" in store.problem(first)
+    store.quarantine(first.uri, "test")
+    assert store.lookup("sft", "sft-abc") is None
 
 
 @pytest.mark.parametrize("name", ["..", "a/b", "", "../../etc"])

@@ -1,0 +1,105 @@
+"""Real servers on 127.0.0.1 for tests: moto's S3, MLflow tracking servers and a Prefect server.
+Each runs as a separate process, is polled until it answers, and is terminated (process group)
+when its fixture ends."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "posttrain-test-secret-0451"
+ACCESS_KEY = "posttrain-test-access-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env() -> dict:
+    """This process's environment without Prefect, MLflow or AWS settings."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "AWS_"))}
+
+
+class Server:
+    def __init__(self, name: str, cmd: list[str], url: str, env: dict, log: Path, timeout: float = 240):
+        self.name, self.cmd, self.url, self.env, self.log, self.timeout = name, cmd, url, env, log, timeout
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=open(self.log, "a"), stderr=subprocess.STDOUT,
+                                     start_new_session=True, cwd=ROOT)
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as r:
+                    if r.status < 500:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"{self.name} did not answer {self.url} within {self.timeout} s:\n"
+                           f"{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def start_moto(work: Path) -> tuple[Server, dict]:
+    """moto's S3 server; returns it and the AWS_* settings a client needs."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = Server("moto S3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                    f"{url}/moto-api/", clean_env(), work / "moto.log", timeout=60)
+    aws = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET,
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    return server, aws
+
+
+def s3_client(aws: dict):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], aws_access_key_id=aws["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=aws["AWS_SECRET_ACCESS_KEY"], region_name=aws["AWS_DEFAULT_REGION"])
+
+
+def start_mlflow(work: Path, name: str = "mlflow", artifacts: str | None = None, extra_env: dict | None = None,
+                 port: int | None = None) -> Server:
+    """`mlflow server` on SQLite; artifacts proxied to `artifacts` (default: a local folder)."""
+    port = port or free_port()
+    destination = artifacts or str(work / f"{name}-artifacts")
+    cmd = [shutil.which("mlflow") or "mlflow", "server", "--backend-store-uri", f"sqlite:///{work}/{name}.db",
+           "--artifacts-destination", destination, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    return Server("MLflow server", cmd, f"http://127.0.0.1:{port}/health", {**clean_env(), **(extra_env or {})},
+                  work / f"{name}.log")
+
+
+def start_prefect(work: Path) -> Server:
+    port = free_port()
+    env = {**clean_env(), "PREFECT_HOME": str(work / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    return Server("Prefect server",
+                  [shutil.which("prefect") or "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                  f"http://127.0.0.1:{port}/api/health", env, work / "prefect.log")
+
+
+def api_url(prefect: Server) -> str:
+    return prefect.url.rsplit("/health", 1)[0]
