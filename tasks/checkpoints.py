@@ -3,7 +3,9 @@
 A checkpoint of stage S with cache key K at global step N is the store output
 `<root>/S.checkpoints/K-stepN/`, committed atomically like any output. The next attempt of the same
 stage (same key: same config, inputs, code and seed) resumes from the newest complete one; HF's
-Trainer restores the weights, optimizer, scheduler, RNG states and the position in the data.
+Trainer restores the weights, optimizer, scheduler, RNG states and the position in the data. Only
+the newest two checkpoints of a key are kept (the older one is the fallback if the newest turns out
+corrupted), and all of them are deleted once the stage's output is committed.
 """
 
 from __future__ import annotations
@@ -24,9 +26,19 @@ class StoreCheckpoints:
     def _name(self, step: int) -> str:
         return f"{self.key}-step{step:09d}"
 
+    def names(self) -> list[str]:
+        """This key's checkpoints (complete or not), oldest first."""
+        return sorted(self.store.list_keys(self.area, prefix=f"{self.key}-step"))
+
+    def prune(self, keep: int) -> None:
+        """Delete all but the newest `keep` checkpoints of this key."""
+        names = self.names()
+        for name in names[: max(len(names) - keep, 0)]:
+            self.store.delete(self.area, name)
+
     def latest(self) -> Path | None:
         """The newest complete checkpoint of this stage and key, as a local folder."""
-        for name in sorted(self.store.list_keys(self.area, prefix=f"{self.key}-step"), reverse=True):
+        for name in reversed(self.names()):
             ref = self.store.lookup(self.area, name)
             if ref is None:
                 continue
@@ -49,7 +61,24 @@ class StoreCheckpoints:
                 if not is_main_process():
                     return
                 local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                _wait_for_rank_states(local, args.world_size)
                 with outer.store.write(outer.area, outer._name(state.global_step)) as out:
                     shutil.copytree(local, out.path, dirs_exist_ok=True)
+                outer.prune(keep=2)  # the newest, and one to fall back on if the newest is corrupted
 
         return _Upload()
+
+
+def _wait_for_rank_states(folder: Path, world_size: int, timeout: float = 600) -> None:
+    """Each rank writes rng_state_<rank>.pth into the shared checkpoint folder on its own time."""
+    if world_size <= 1:
+        return
+    import time
+
+    deadline = time.monotonic() + timeout
+    missing = [r for r in range(world_size) if not (folder / f"rng_state_{r}.pth").exists()]
+    while missing and time.monotonic() < deadline:
+        time.sleep(0.1)
+        missing = [r for r in missing if not (folder / f"rng_state_{r}.pth").exists()]
+    if missing:
+        raise TimeoutError(f"ranks {missing} wrote no RNG state into {folder} within {timeout:.0f} s")

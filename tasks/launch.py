@@ -2,7 +2,9 @@
 
 `run_training` calls the function in this process when `processes` is 1; otherwise it writes a
 spec file and launches `python -m tasks.launch SPEC` once per process. Every rank trains; rank 0
-alone saves the model, logs to MLflow and writes the metrics back. On CPU the processes talk over
+alone saves the model, logs to MLflow and writes the metrics back. The ranks share one trainer
+folder, so a checkpoint holds every rank's RNG state; rank 0 uploads it to the store, and every
+rank resumes from the newest stored one. On CPU the processes talk over
 gloo; on GPUs over NCCL, and `accelerate_config` may name a DeepSpeed or FSDP config file.
 """
 
@@ -19,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks.training import TrainingSettings
+
+
+TRAINER_OUTPUT_ENV = "POSTTRAIN_TRAINER_OUTPUT"
 
 
 def is_main_process() -> bool:
@@ -52,7 +57,8 @@ def run_training(target: str, t: TrainingSettings, config: dict, inputs: dict[st
         spec.write_text(json.dumps({
             "target": target, "config": config, "inputs": {k: str(v) for k, v in inputs.items()}, "out": str(out),
             "seed": ctx.seed, "env": ctx.env.to_dict() if isinstance(ctx.env, RunEnv) else None,
-            "run_id": ctx.run_id, "metrics_path": str(metrics_path),
+            "run_id": ctx.run_id, "metrics_path": str(metrics_path), "stage": ctx.stage, "cache_key": ctx.cache_key,
+            "trainer_output": str(Path(scratch) / "trainer"),
         }))
         root = Path(__file__).resolve().parent.parent
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
@@ -67,7 +73,10 @@ def main(spec_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     env = RunEnv(**spec["env"]) if spec["env"] else None
-    ctx = StageContext(seed=spec["seed"], env=env, run_id=spec["run_id"] if is_main_process() else None)
+    ctx = StageContext(seed=spec["seed"], env=env, run_id=spec["run_id"] if is_main_process() else None,
+                       stage=spec["stage"], cache_key=spec["cache_key"])
+    # One trainer folder for all ranks: each rank writes its own RNG state into the same checkpoint.
+    os.environ[TRAINER_OUTPUT_ENV] = spec["trainer_output"]
     inputs = {k: Path(v) if Path(v).exists() else v for k, v in spec["inputs"].items()}
     metrics = _function(spec["target"])(spec["config"], inputs, Path(spec["out"]), ctx)
     if is_main_process():

@@ -69,9 +69,11 @@ class StageContext:
         return StoreCheckpoints(ArtifactStore(self.env.storage_root), self.stage, self.cache_key)
 
     def callbacks(self, stage: str) -> list:
+        from tasks.faults import step_kill_callback
         from tasks.training import metrics_callback
 
-        return [metrics_callback(self.log_step, stage)] if self.run_id else []
+        extra = [c for c in [step_kill_callback(stage)] if c is not None]
+        return ([metrics_callback(self.log_step, stage)] if self.run_id else []) + extra
 
 
 _PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
@@ -164,6 +166,7 @@ def execute_stage(stage: str, work: Work, config: dict, inputs: dict[str, dict],
                 pending.metadata = {"metrics": metrics, "mlflow_run_id": run_id, "config": config,
                                     "inputs": {n: r.to_dict() for n, r in refs.items()}, "seed": seed}
             output = pending.ref
+            discard_checkpoints(store, stage, key)
             if pending.superseded_by is not None:  # a concurrent run with the same key committed first
                 logger.info("[%s] another run committed %s first; using its output", stage, key)
                 existing, metrics = output, pending.superseded_by["metadata"].get("metrics", metrics)
@@ -186,6 +189,13 @@ def execute_stage(stage: str, work: Work, config: dict, inputs: dict[str, dict],
         "seconds": round(seconds, 3),
         "reused": existing is not None,
     }
+
+
+def discard_checkpoints(store: ArtifactStore, stage: str, key: str) -> None:
+    """Once a stage's output is committed its resume checkpoints have done their job."""
+    from tasks.checkpoints import StoreCheckpoints
+
+    StoreCheckpoints(store, stage, key).prune(keep=0)
 
 
 def record_cached_stage(result: dict, env: dict) -> str:

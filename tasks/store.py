@@ -28,6 +28,8 @@ from typing import Iterator
 
 import fsspec
 
+from tasks.faults import kill_point
+
 MANIFEST = "MANIFEST.json"
 _CHUNK = 1 << 20
 
@@ -143,6 +145,7 @@ class ArtifactStore:
                 "digest": content_digest(files),
                 "metadata": pending.metadata,
             }
+            kill_point(f"{stage}:commit")
             winner = self._create_manifest(base, manifest)
             if winner is not None:  # another run committed this key first: keep one output, theirs
                 self._remove_attempt(local if self.is_local else remote_attempt)
@@ -209,7 +212,10 @@ class ArtifactStore:
         so the key can be computed again. Returns where the old manifest went."""
         base = self._path_of_uri(uri)
         aside = f"{base}/{MANIFEST}.corrupt-{uuid.uuid4().hex[:8]}"
-        self.fs.mv(f"{base}/{MANIFEST}", aside)
+        try:
+            self.fs.mv(f"{base}/{MANIFEST}", aside)
+        except FileNotFoundError:  # another process (or rank) set it aside first
+            return aside
         self.fs.pipe_file(f"{aside}.reason.txt", reason.encode())
         return aside
 
@@ -222,6 +228,15 @@ class ArtifactStore:
         uri = self.uri_for(stage, key)
         manifest = self.read_manifest(uri)
         return Ref(uri=uri, digest=manifest["digest"]) if manifest else None
+
+    def delete(self, stage: str, key: str) -> None:
+        """Remove an output (manifest first, so it stops being complete before its files go)."""
+        base = self._path(safe_component(stage, "stage"), safe_component(key, "cache key"))
+        try:
+            self.fs.rm(f"{base}/{MANIFEST}")
+        except FileNotFoundError:
+            pass
+        self.fs.rm(base, recursive=True)
 
     def list_keys(self, stage: str, prefix: str = "") -> list[str]:
         """Names of the keys under a stage that start with prefix (complete or not)."""

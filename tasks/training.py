@@ -80,8 +80,10 @@ def trainer_kwargs(t: TrainingSettings, scratch: Path, seed: int) -> dict:
     precision = t.precision
     if precision == "auto":
         precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    from tasks.launch import TRAINER_OUTPUT_ENV
+
     return dict(
-        output_dir=str(scratch),
+        output_dir=os.environ.get(TRAINER_OUTPUT_ENV) or str(scratch),
         learning_rate=t.learning_rate,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
@@ -148,14 +150,15 @@ def train_with_checkpoints(trainer, checkpoints=None) -> dict[str, float]:
     if checkpoints is not None:
         trainer.add_callback(checkpoints.callback())
         resume = checkpoints.latest()
-    if resume is not None:
-        logger.info("resuming from checkpoint %s", resume)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if resume is None:
+        trainer.train()
         return {}
     import json
 
-    return {"train/resumed_from_step": float(json.loads((resume / "trainer_state.json").read_text())["global_step"])}
+    step = json.loads((resume / "trainer_state.json").read_text())["global_step"]
+    logger.info("resuming from checkpoint %s (step %d)", resume, step)
+    trainer.train(resume_from_checkpoint=str(resume))
+    return {"train/resumed_from_step": float(step)}
 
 
 def final_train_metrics(trainer, prefix: str = "train") -> dict[str, float]:

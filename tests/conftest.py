@@ -36,6 +36,21 @@ def prefect_server_process(tmp_path_factory):
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, moto_s3):
+    """`mlflow server` on SQLite with its artifacts on the moto S3 bucket `mlflow-artifacts`."""
+    from tests.servers import s3_client, start_mlflow
+
+    aws = moto_s3["aws"]
+    s3_client(aws).create_bucket(Bucket="mlflow-artifacts")
+    server = start_mlflow(tmp_path_factory.mktemp("mlflow-server"), artifacts="s3://mlflow-artifacts/",
+                          extra_env={**aws, "MLFLOW_S3_ENDPOINT_URL": aws["AWS_ENDPOINT_URL"]})
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def s3_env(moto_s3, monkeypatch):
     """This process talks to the moto endpoint (fresh s3fs instances, so no stale endpoint is reused)."""
