@@ -63,7 +63,12 @@ class StoreCheckpoints:
                 local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 _wait_for_rank_states(local, args.world_size)
                 with outer.store.write(outer.area, outer._name(state.global_step)) as out:
-                    shutil.copytree(local, out.path, dirs_exist_ok=True)
+                    try:
+                        shutil.copytree(local, out.path, dirs_exist_ok=True)
+                    except shutil.Error as e:  # a list of (src, dst, why): name the first failure plainly
+                        src, _, why = e.args[0][0]
+                        raise OSError(f"checkpoint at step {state.global_step}: writing {Path(src).name} into the "
+                                      f"store failed: {why}") from e
                 outer.prune(keep=2)  # the newest, and one to fall back on if the newest is corrupted
 
         return _Upload()

@@ -8,6 +8,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("POSTTRAIN_PROGRESS", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# One math thread per process: the suite runs on two xdist workers, often with a pipeline subprocess
+# each, on two cores; more threads only spin against each other. The tiny models lose nothing (the
+# learning figures are identical at 1 and 2 threads) and results stay deterministic.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
@@ -61,3 +65,23 @@ def s3_env(moto_s3, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
     yield moto_s3
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+# The longest groups start first, so the two workers finish together (xdist hands out groups in order).
+_LONGEST_FIRST = ["faults", "e2e/test_learning", "services/test_shared_services", "e2e/test_concurrency"]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Parallel runs (pytest-xdist, --dist loadgroup): the fault suite stays on one worker, where it
+    shares its servers and its reference run; every other test file is a group of its own."""
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    groups = {}
+    for item in items:
+        rel = Path(str(item.fspath)).resolve().relative_to(tests)
+        groups[item] = "faults" if rel.parts[0] == "faults" else rel.with_suffix("").as_posix()
+        item.add_marker(pytest.mark.xdist_group(groups[item]))
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(groups[item], len(rank)))
