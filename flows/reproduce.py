@@ -71,11 +71,11 @@ def check_reproducible(rec: Recorded, cfg: PipelineConfig) -> tuple[list[str], l
     from tasks.data import source_fingerprint
 
     code = []
-    recorded_source = rec.tags.get("posttrain.source_digest")
-    if recorded_source != source_digest():
+    recorded_source, checkout_source = rec.tags.get("posttrain.source_digest"), source_digest()
+    if recorded_source != checkout_source:
         code.append(f"code: the project's source differs from the run's (recorded source digest "
                     f"{str(recorded_source)[:12]}, commit {rec.tags.get('mlflow.source.git.commit', '?')[:12]}; "
-                    f"this checkout {source_digest()[:12]})")
+                    f"this checkout {checkout_source[:12]})")
     current = library_versions()
     for name, version in current.items():
         if rec.versions.get(name) != version:

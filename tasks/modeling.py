@@ -70,9 +70,9 @@ def load_reward_model(source: str | Path, trust_remote_code: bool = False, dtype
 def save_model(model, tokenizer, out: Path) -> None:
     """save_pretrained both, in safetensors; a PEFT model is merged first so later stages load plain weights.
     Under multi-process training only rank 0 writes."""
-    import os
+    from tasks.launch import is_main_process
 
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main_process():
         return
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()

@@ -72,8 +72,9 @@ class StageContext:
         from tasks.faults import step_kill_callback
         from tasks.training import metrics_callback
 
-        extra = [c for c in [step_kill_callback(stage)] if c is not None]
-        return ([metrics_callback(self.log_step, stage)] if self.run_id else []) + extra
+        callbacks = [metrics_callback(self.log_step, stage)] if self.run_id else []
+        kill = step_kill_callback(stage)
+        return callbacks + ([kill] if kill else [])
 
 
 _PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
