@@ -20,6 +20,8 @@ class RLHFSettings(Section):
     num_generations: int = Field(8, ge=2, description="Completions sampled per prompt (the GRPO group size).")
     max_completion_length: int = Field(8, ge=1, description="Longest sampled completion, in tokens.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature for the rollouts.")
+    num_iterations: int = Field(1, ge=1, description="Optimizer passes over each batch of rollouts (GRPO's mu); "
+                                "above 1, PPO-style clipping bounds each pass.")
     scale_rewards: Literal["group", "batch", "none"] = Field(
         "none",
         description="GRPO advantage scaling. 'none' keeps the reward model's scale, so near-ties the reward "
@@ -99,7 +101,7 @@ def align(cfg: AlignConfig, data: Path, sft: Path, reward: Path | None, out: Pat
             args = GRPOConfig(
                 **base_args, beta=cfg.beta, num_generations=cfg.rlhf.num_generations,
                 max_completion_length=cfg.rlhf.max_completion_length, temperature=cfg.rlhf.temperature,
-                scale_rewards=cfg.rlhf.scale_rewards,
+                scale_rewards=cfg.rlhf.scale_rewards, num_iterations=cfg.rlhf.num_iterations,
             )
             prompts = train.select_columns(["prompt"])
             trainer = GRPOTrainer(

@@ -6,8 +6,10 @@ It is built so that every post-training stage has something honest to learn:
   cannot do the task;
 * the SFT demonstrations come from a sloppy annotator who forgets the carry most of the time
   (``carry_error_rate``), so SFT learns the format and the easy sums but often answers 7+5 with 2;
-* the preference pairs come from a careful grader: chosen is the right sum, rejected is the sloppy
-  answer (or an off-by-one slip when there is no carry), so a reward model, DPO or RL can fix the carry;
+* the preference pairs come from a careful grader who compares the right sum with each plausible
+  mistake: the carry dropped (or a spurious one added), near misses (±1, ±2) and a random number. So a
+  reward model, DPO or RL can fix the carry, and a reward model cannot get by on a shortcut such as
+  "two digits beat one" (it must rank the right sum above its neighbours);
 * the evaluation prompts are phrasings of the question that appear in no training file, with the
   true sum as reference.
 
@@ -59,6 +61,15 @@ def _slip(a: int, b: int, rng: random.Random) -> int:
     return wrong
 
 
+def _mistakes(a: int, b: int, rng: random.Random) -> list[int]:
+    """The wrong answers a careful grader ranks below the right sum: the carry dropped (or a spurious one
+    added), near misses and one random number; distinct, non-negative."""
+    s = a + b
+    candidates = [s - 10 if s >= 10 else s + 10, s - 1, s + 1, s - 2, s + 2,
+                  rng.choice([n for n in range(19) if n != s])]
+    return list(dict.fromkeys(n for n in candidates if n >= 0))
+
+
 def generate(
     part: str,
     seed: int = 0,
@@ -79,11 +90,7 @@ def generate(
     elif part == "preference":
         for a, b, t in train:
             prompt = _prompt(a, b, t)
-            rows.append({"prompt": prompt, "chosen": str(a + b), "rejected": str(_slip(a, b, rng))})
-            near = a + b + rng.choice((-1, 1)) if a + b > 0 else 1
-            rows.append({"prompt": prompt, "chosen": str(a + b), "rejected": str(near)})
-            other = rng.choice([n for n in range(19) if n != a + b])
-            rows.append({"prompt": prompt, "chosen": str(a + b), "rejected": str(other)})
+            rows += [{"prompt": prompt, "chosen": str(a + b), "rejected": str(n)} for n in _mistakes(a, b, rng)]
     elif part == "unpaired":
         for a, b, t in train:
             good = rng.random() < 0.5
