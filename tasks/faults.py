@@ -4,19 +4,38 @@ training) instead of at a random moment. Off unless POSTTRAIN_KILL_AT names the 
 
     POSTTRAIN_KILL_AT=sft:commit     the sft output is written but not committed
     POSTTRAIN_KILL_AT=sft:step-5     right after optimizer step 5 of the sft stage
+
+Hold points let a test act between two events instead of racing a timer: with
+POSTTRAIN_HOLD_AT=<point>=<gate file>, the process waits at that point until the gate file exists.
+
+    POSTTRAIN_HOLD_AT='*:retry=/tmp/gate'   a failed stage waits before its retry (e.g. to free disk space)
 """
 
 from __future__ import annotations
 
+import fnmatch
+import logging
 import os
 import signal
+import time
+from pathlib import Path
 
 ENV = "POSTTRAIN_KILL_AT"
+HOLD_ENV = "POSTTRAIN_HOLD_AT"
 
 
 def kill_point(name: str) -> None:
     if os.environ.get(ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hold_point(name: str) -> None:
+    point, _, gate = os.environ.get(HOLD_ENV, "").partition("=")
+    if not point or not fnmatch.fnmatchcase(name, point):
+        return
+    logging.getLogger("posttrain").warning("held at %s until %s exists", name, gate)
+    while not Path(gate).exists():
+        time.sleep(0.1)
 
 
 def step_kill_callback(stage: str):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import http.client
 import threading
-import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -18,28 +17,32 @@ ERROR_BODY = ('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code
 
 @dataclass
 class Rule:
-    """Answer `method` requests whose path contains `path_part` with an S3 error, during `seconds`
-    from the first match (an outage), or for every match once `quota_bytes` of uploads have gone
-    through (a full disk on MinIO)."""
+    """Answer `method` requests whose path contains `path_part` with an S3 error: the first `times`
+    requests for the first object that matches (every retry of one upload, counted, never timed), or
+    every match once `quota_bytes` of uploads have gone through (a full disk on MinIO)."""
 
     method: str
     path_part: str
     status: int = 503
     code: str = "SlowDown"
     message: str = "Please reduce your request rate."
-    seconds: float | None = None
+    times: int | None = None
     quota_bytes: int | None = None
-    started: float | None = None
+    target: str | None = None
+    fired: int = 0
 
     def fires(self, method: str, path: str, uploaded: int) -> bool:
         if method != self.method or self.path_part not in path:
             return False
         if self.quota_bytes is not None:
             return uploaded >= self.quota_bytes
-        now = time.monotonic()
-        if self.started is None:
-            self.started = now
-        return self.seconds is None or now - self.started < self.seconds
+        obj = path.split("?", 1)[0]
+        if self.target is None:
+            self.target = obj
+        if obj != self.target or (self.times is not None and self.fired >= self.times):
+            return False
+        self.fired += 1
+        return True
 
 
 class FaultyS3:
