@@ -6,6 +6,11 @@ stage run holds the digests of the input data. The reproduction refuses to start
 the library versions or the inputs differ (unless allowed, which the new run records), reruns every
 stage into a fresh storage namespace (so nothing comes from cache), tags the new run as a
 reproduction, and compares every metric and every stage's output digest with the original.
+
+What it can promise depends on the hardware (tasks/hardware.py): on the same hardware, versions and
+thread count the rerun is bit-identical, so it demands exact equality. On other hardware float
+arithmetic rounds differently and training amplifies it, so it says so before rerunning, compares the
+metrics within a tolerance it prints, and shows the output digests without requiring them to match.
 """
 
 from __future__ import annotations
@@ -20,8 +25,12 @@ import yaml
 
 from flows.config import PipelineConfig
 from flows.lineage import source_digest
-from tasks import tracking
+from tasks import hardware, tracking
 from tasks.cachekeys import library_versions
+
+# Default tolerance when the hardware differs: |a - b| <= ATOL + RTOL * |a| for every metric.
+CROSS_HARDWARE_RTOL = 0.1
+CROSS_HARDWARE_ATOL = 0.05
 
 
 class ReproduceError(RuntimeError):
@@ -37,7 +46,40 @@ class Recorded:
     metrics: dict
     stage_digests: dict[str, str]
     input_digests: dict[str, str]
+    hardware: dict[str, dict[str, str]] = field(default_factory=dict)  # "pipeline" and each stage -> description
     problems: list[str] = field(default_factory=list)
+
+    def hardware_differences(self, current: dict) -> list[str]:
+        """What differs between where the run computed (pipeline and stages) and `current`."""
+        found: dict[str, None] = {}
+        for where, recorded in self.hardware.items():
+            for line in hardware.differences(recorded, current) if recorded else []:
+                found[line if where == "pipeline" else f"{where}: {line}"] = None
+        return list(found)
+
+
+@dataclass
+class Tolerance:
+    """How a reproduction is compared: exact on the same hardware, within rtol/atol elsewhere."""
+
+    rtol: float = 0.0
+    atol: float = 0.0
+    digests_must_match: bool = True
+
+    @classmethod
+    def for_hardware(cls, differs: bool, rtol: float | None, atol: float | None) -> "Tolerance":
+        if differs:
+            return cls(CROSS_HARDWARE_RTOL if rtol is None else rtol, CROSS_HARDWARE_ATOL if atol is None else atol,
+                       digests_must_match=False)
+        return cls(rtol or 0.0, atol or 0.0, digests_must_match=True)
+
+    def agree(self, a: float, b: float) -> bool:
+        return a == b or abs(a - b) <= self.atol + self.rtol * abs(a)
+
+    def describe(self) -> str:
+        if not self.rtol and not self.atol:
+            return "exact equality"
+        return f"|original - reproduction| <= {self.atol:g} + {self.rtol:g} x |original|"
 
 
 def read_recorded(run_id: str, tracking_uri: str, scratch: Path) -> Recorded:
@@ -59,11 +101,14 @@ def read_recorded(run_id: str, tracking_uri: str, scratch: Path) -> Recorded:
     stage_digests = {c.data.tags["posttrain.stage"]: c.data.tags.get("posttrain.output_digest", "")
                      for c in children if "posttrain.stage" in c.data.tags}
     input_digests = {}
+    machines = {"pipeline": hardware.from_tags(tags)}
     for child in children:
         if child.data.tags.get("posttrain.stage") == "prepare_data":
             input_digests = {k.removeprefix("posttrain.input."): v.rsplit("@", 1)[-1]
                              for k, v in child.data.tags.items() if k.startswith("posttrain.input.")}
-    return Recorded(run_id, config, versions, tags, dict(run.data.metrics), stage_digests, input_digests)
+        if child.data.tags.get("posttrain.cached") == "false":  # a cached stage computed elsewhere, earlier
+            machines[child.data.tags.get("posttrain.stage", "?")] = hardware.from_tags(child.data.tags)
+    return Recorded(run_id, config, versions, tags, dict(run.data.metrics), stage_digests, input_digests, machines)
 
 
 def check_reproducible(rec: Recorded, cfg: PipelineConfig) -> tuple[list[str], list[str]]:
@@ -89,18 +134,23 @@ def check_reproducible(rec: Recorded, cfg: PipelineConfig) -> tuple[list[str], l
     return code, inputs
 
 
-def compare(rec: Recorded, summary: dict, rtol: float) -> list[tuple[str, str, str, bool]]:
-    """Rows (name, original, reproduction, equal) for every metric and stage output digest."""
+def compare(rec: Recorded, summary: dict, tolerance: Tolerance) -> list[tuple[str, str, str, str]]:
+    """Rows (name, original, reproduction, verdict) for every metric and stage output digest; the verdict
+    is "equal", "within tolerance", "differs" or, for digests on other hardware, "differs (expected)"."""
     rows = []
     names = set(rec.metrics) | set(summary["metrics"])
     for name in sorted(n for n in names if not n.endswith(("seconds", "runtime"))):  # wall time is not a result
         a, b = rec.metrics.get(name), summary["metrics"].get(name)
-        same = a is not None and b is not None and (a == b or math.isclose(a, b, rel_tol=rtol, abs_tol=0.0))
-        rows.append((name, _fmt(a), _fmt(b), same))
+        if a is None or b is None or math.isnan(a) or math.isnan(b):
+            verdict = "equal" if a is not None and b is not None and math.isnan(a) and math.isnan(b) else "differs"
+        else:
+            verdict = "equal" if a == b else "within tolerance" if tolerance.agree(a, b) else "differs"
+        rows.append((name, _fmt(a), _fmt(b), verdict))
     new_digests = {s["name"]: s.get("output_digest", "") for s in summary["stages"]}
     for stage in sorted(set(rec.stage_digests) | set(new_digests)):
         a, b = rec.stage_digests.get(stage, ""), new_digests.get(stage, "")
-        rows.append((f"{stage} output digest", a[:16], b[:16], bool(a) and a == b))
+        verdict = "equal" if a and a == b else "differs" if tolerance.digests_must_match else "differs (expected)"
+        rows.append((f"{stage} output digest", a[:16], b[:16], verdict))
     return rows
 
 
