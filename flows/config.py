@@ -110,10 +110,25 @@ class PipelineConfig(Section):
                 raise ValueError(f"data.{kind} is required: the pipeline's stages read it")
         return self
 
+    def without_credentials(self) -> "PipelineConfig":
+        """A copy safe to store as Prefect parameters: a password in tracking.uri moves to this process's
+        MLFLOW_TRACKING_URI, where resolved() finds it again."""
+        from tasks.tracking import strip_credentials
+
+        uri = self.tracking.uri
+        if not uri or uri == strip_credentials(uri):
+            return self
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        return self.model_copy(update={"tracking": self.tracking.model_copy(update={"uri": strip_credentials(uri)})},
+                               deep=True)
+
     def resolved(self) -> "PipelineConfig":
         """A copy with the defaults that depend on the environment filled in."""
+        from tasks.tracking import with_local_credentials
+
         home = state_home()
         tracking_uri = self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home}/mlflow.db"
+        tracking_uri = with_local_credentials(tracking_uri)
         return self.model_copy(
             update={
                 "storage": self.storage.model_copy(update={"root": self.storage.root or str(home / "artifacts")}),

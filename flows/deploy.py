@@ -51,7 +51,7 @@ def deploy_pipeline(cfg: PipelineConfig, name: str, pool: str, cron: str | None 
         name=name,
         work_pool_name=pool,
         schedules=schedules,
-        parameters={"config": cfg.model_dump(mode="json")},
+        parameters={"config": cfg.without_credentials().model_dump(mode="json")},
         description=f"posttrain recipe {cfg.name!r}",
         tags=["posttrain"],
         build=False,

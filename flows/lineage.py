@@ -58,7 +58,10 @@ def open_pipeline_run(cfg: PipelineConfig, extra_tags: dict[str, str] | None = N
     """Create the parent run (params, resolved config, versions, commit) and return the stages' RunEnv."""
     uri = cfg.tracking.uri
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment, _artifact_location(uri))
+    from tasks import hardware
+
     commit, dirty = git_commit()
+    machine = hardware.describe()
     versions = {**library_versions(), "python": platform.python_version(),
                 **{name: _version(name) for name in ("prefect", "mlflow", "posttrain")}}
     tags = {
@@ -69,6 +72,7 @@ def open_pipeline_run(cfg: PipelineConfig, extra_tags: dict[str, str] | None = N
         "prefect.flow_run_id": _flow_run_id(),
         "posttrain.command": tracking.redact(" ".join(sys.argv))[:500],
         **{f"posttrain.version.{k}": v for k, v in versions.items()},
+        **hardware.as_tags(machine),
         **(extra_tags or {}),
     }
     run_id = tracking.start_run(uri, experiment_id, cfg.name, tags)
@@ -76,6 +80,7 @@ def open_pipeline_run(cfg: PipelineConfig, extra_tags: dict[str, str] | None = N
     tracking.log_params(uri, run_id, tracking.flatten(resolved))
     tracking.log_text(uri, run_id, yaml.safe_dump(resolved, sort_keys=False), "config/resolved.yaml")
     tracking.log_dict(uri, run_id, versions, "config/versions.json")
+    tracking.log_dict(uri, run_id, machine, "config/hardware.json")
     env = RunEnv(storage_root=cfg.storage.root, tracking_uri=uri, experiment_id=experiment_id,
                  parent_run_id=run_id, trust_remote_code=cfg.model.trust_remote_code,
                  log_model_max_mb=cfg.tracking.log_model_max_mb)
@@ -129,7 +134,7 @@ def publish_prefect_summary(summary: dict) -> None:
              "mlflow_run": s["mlflow_run_id"], "output": s["output_uri"],
              **{k: round(v, 4) for k, v in list(s["metrics"].items())[:6]}} for s in summary["stages"]]
     create_table_artifact(key="posttrain-stages", table=rows, description="Stages, cache status and metrics")
-    base = summary["tracking_uri"]
+    base = tracking.strip_credentials(summary["tracking_uri"])
     link = (lambda r: f"[{r}]({base.rstrip('/')}/#/experiments/{summary['experiment_id']}/runs/{r})") if base.startswith("http") else str
     lines = ["# posttrain run", "", f"MLflow parent run: {link(summary['mlflow_run_id'])}", "",
              "| stage | status | seconds | MLflow run | output |", "|---|---|---|---|---|"]

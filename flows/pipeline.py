@@ -98,7 +98,14 @@ class _Runner:
         """Run the stage as a flow run of posttrain-stage/<pool> and read its output from the shared store."""
         from prefect.deployments import run_deployment
 
-        flow_run = run_deployment(f"posttrain-stage/{pool}", parameters={"stage": stage, **params}, timeout=None)
+        from tasks.tracking import strip_credentials
+
+        # Parameters are stored by Prefect and shown in its UI: no credentials in them. The stage's worker
+        # takes its own (run_stage_flow).
+        env = {**params["env"], "tracking_uri": strip_credentials(params["env"]["tracking_uri"]),
+               "storage_root": strip_credentials(params["env"]["storage_root"])}
+        flow_run = run_deployment(f"posttrain-stage/{pool}", parameters={"stage": stage, **params, "env": env},
+                                  timeout=None)
         if not flow_run.state.is_completed():
             self._failed(stage, time.monotonic() - started, f"stage flow run {flow_run.id} on work pool {pool!r} "
                          f"ended {flow_run.state.name}: {flow_run.state.message}")
@@ -161,7 +168,11 @@ STAGE_TASKS = {
 
 @flow(name="posttrain-stage")
 def run_stage_flow(stage: str, config: dict, inputs: dict, seed: int, env: dict) -> None:
-    """One stage on another work pool (orchestration.stage_pools): the same cached task, the same store."""
+    """One stage on another work pool (orchestration.stage_pools): the same cached task, the same store.
+    Credentials come from this worker's environment, not from the parameters."""
+    from tasks.tracking import with_local_credentials
+
+    env = {**env, "tracking_uri": with_local_credentials(env["tracking_uri"])}
     task = STAGE_TASKS[stage].with_options(result_storage=_result_storage(env["storage_root"]))
     task(config=config, inputs=inputs, seed=seed, env=env)
 

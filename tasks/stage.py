@@ -112,6 +112,10 @@ def retry_if_transient(task, task_run, state) -> bool:
         transient = is_transient(exc)
         logger.warning("[%s] %s: %s (%s)", task.name, type(exc).__name__, exc,
                        "transient, retrying" if transient else "not transient, not retrying")
+        if transient:
+            from tasks.faults import hold_point
+
+            hold_point(f"{task.name}:retry")
         return transient
     return False
 
@@ -143,9 +147,12 @@ def execute_stage(stage: str, work: Work, config: dict, inputs: dict[str, dict],
     key = cache_key_for(stage, {"config": config, "inputs": inputs, "seed": seed})
     store = ArtifactStore(run_env.storage_root)
     refs = {name: Ref.from_dict(r) for name, r in inputs.items()}
+    from tasks import hardware
+
     run_id = tracking.start_run(
         run_env.tracking_uri, run_env.experiment_id, stage,
-        {tracking.TAG_STAGE: stage, tracking.TAG_CACHE_KEY: key, tracking.TAG_CACHED: "false", "posttrain.seed": seed},
+        {tracking.TAG_STAGE: stage, tracking.TAG_CACHE_KEY: key, tracking.TAG_CACHED: "false", "posttrain.seed": seed,
+         **hardware.as_tags(hardware.describe())},
         parent_run_id=run_env.parent_run_id,
     )
     started = time.monotonic()

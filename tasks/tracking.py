@@ -37,6 +37,24 @@ def redact(value: Any) -> Any:
     return value
 
 
+def strip_credentials(uri: str) -> str:
+    """The URI without its user:password@ part: what may be stored in Prefect parameters or shown."""
+    return _USERINFO.sub(lambda m: m["scheme"], uri)
+
+
+def with_local_credentials(uri: str) -> str:
+    """`uri` with the credentials this process's own environment holds for the same server
+    (MLFLOW_TRACKING_URI with user:password@), else `uri` unchanged. Credentials travel in each
+    process's environment (or MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN, which MLflow reads
+    itself), never in Prefect parameters."""
+    import os
+
+    local = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if local != strip_credentials(local) and strip_credentials(local).rstrip("/") == strip_credentials(uri).rstrip("/"):
+        return local
+    return uri
+
+
 def client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
@@ -60,7 +78,22 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def open_store(tracking_uri: str) -> None:
+    """Open the tracking store once. A local SQLite store is created (or migrated) on first open; two runs
+    doing that at once would race on its schema, so the first open holds a lock beside the database."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    import fcntl
+
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client(tracking_uri).search_experiments(max_results=1)
+
+
 def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | None = None) -> str:
+    open_store(tracking_uri)
     c = client(tracking_uri)
     experiment = c.get_experiment_by_name(name)
     if experiment is not None:

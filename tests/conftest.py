@@ -42,13 +42,14 @@ def prefect_server_process(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory, moto_s3):
-    """`mlflow server` on SQLite with its artifacts on the moto S3 bucket `mlflow-artifacts`."""
+    """`mlflow server` on SQLite with its artifacts on the moto S3 bucket `mlflow-artifacts`, behind MLflow's
+    basic auth: clients use `mlflow_server.client_uri`, a tracking URI with the password in it."""
     from tests.servers import s3_client, start_mlflow
 
     aws = moto_s3["aws"]
     s3_client(aws).create_bucket(Bucket="mlflow-artifacts")
     server = start_mlflow(tmp_path_factory.mktemp("mlflow-server"), artifacts="s3://mlflow-artifacts/",
-                          extra_env={**aws, "MLFLOW_S3_ENDPOINT_URL": aws["AWS_ENDPOINT_URL"]})
+                          extra_env={**aws, "MLFLOW_S3_ENDPOINT_URL": aws["AWS_ENDPOINT_URL"]}, auth=True)
     try:
         yield server
     finally:
@@ -73,7 +74,8 @@ _LONGEST_FIRST = ["faults", "e2e/test_learning", "services/test_shared_services"
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Parallel runs (pytest-xdist, --dist loadgroup): the fault suite stays on one worker, where it
+    """Tests under tests/unit/ carry the marker `unit` (`python -m pytest -m unit`: the inner loop, under a
+    minute). Parallel runs (pytest-xdist, --dist loadgroup): the fault suite stays on one worker, where it
     shares its servers and its reference run; every other test file is a group of its own."""
     from pathlib import Path
 
@@ -81,6 +83,8 @@ def pytest_collection_modifyitems(config, items):
     groups = {}
     for item in items:
         rel = Path(str(item.fspath)).resolve().relative_to(tests)
+        if rel.parts[0] == "unit":
+            item.add_marker(pytest.mark.unit)
         groups[item] = "faults" if rel.parts[0] == "faults" else rel.with_suffix("").as_posix()
         item.add_marker(pytest.mark.xdist_group(groups[item]))
     rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}

@@ -17,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "posttrain-test-secret-0451"
 ACCESS_KEY = "posttrain-test-access-key"
+MLFLOW_USER, MLFLOW_PASSWORD = "admin", "posttrain-mlflow-password-7731"
 
 
 def free_port() -> int:
@@ -82,14 +83,26 @@ def s3_client(aws: dict):
 
 
 def start_mlflow(work: Path, name: str = "mlflow", artifacts: str | None = None, extra_env: dict | None = None,
-                 port: int | None = None) -> Server:
-    """`mlflow server` on SQLite; artifacts proxied to `artifacts` (default: a local folder)."""
+                 port: int | None = None, auth: bool = False) -> Server:
+    """`mlflow server` on SQLite; artifacts proxied to `artifacts` (default: a local folder). With `auth`,
+    MLflow's basic-auth app: every request needs MLFLOW_USER / MLFLOW_PASSWORD, and `server.client_uri`
+    carries them (http://user:password@host:port), as a tracking URI with a password does in production."""
     port = port or free_port()
     destination = artifacts or str(work / f"{name}-artifacts")
     cmd = [shutil.which("mlflow") or "mlflow", "server", "--backend-store-uri", f"sqlite:///{work}/{name}.db",
            "--artifacts-destination", destination, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    return Server("MLflow server", cmd, f"http://127.0.0.1:{port}/health", {**clean_env(), **(extra_env or {})},
-                  work / f"{name}.log")
+    env = {**clean_env(), **(extra_env or {})}
+    if auth:
+        ini = work / f"{name}-auth.ini"
+        ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{work}/{name}-auth.db\n"
+                       f"admin_username = {MLFLOW_USER}\nadmin_password = {MLFLOW_PASSWORD}\n"
+                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        cmd += ["--app-name", "basic-auth"]
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
+    server = Server("MLflow server", cmd, f"http://127.0.0.1:{port}/health", env, work / f"{name}.log")
+    server.client_uri = (f"http://{MLFLOW_USER}:{MLFLOW_PASSWORD}@127.0.0.1:{port}" if auth
+                         else f"http://127.0.0.1:{port}")
+    return server
 
 
 def start_prefect(work: Path) -> Server:

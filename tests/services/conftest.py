@@ -3,7 +3,7 @@ that S3, and a Prefect server (tests/servers.py)."""
 
 import pytest
 
-from tests.servers import ACCESS_KEY, ROOT, SECRET, api_url, clean_env, s3_client  # noqa: F401
+from tests.servers import ACCESS_KEY, MLFLOW_PASSWORD, ROOT, SECRET, api_url, clean_env, s3_client  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -17,7 +17,8 @@ def services(tmp_path_factory, moto_s3, prefect_server_process, mlflow_server):
         **clean_env(), **aws,
         "PREFECT_API_URL": api_url(prefect_server_process),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "MLFLOW_TRACKING_URI": mlflow_server.url.rsplit("/health", 1)[0],
+        # The tracking URI carries the MLflow password, as many deployments do: it must stay out of Prefect.
+        "MLFLOW_TRACKING_URI": mlflow_server.client_uri,
         "POSTTRAIN_HOME": str(work / "worker-home"),
         "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "POSTTRAIN_PROGRESS": "0",
         "TOKENIZERS_PARALLELISM": "false",

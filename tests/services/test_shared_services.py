@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import ACCESS_KEY, ROOT, SECRET
+from .conftest import ACCESS_KEY, MLFLOW_PASSWORD, ROOT, SECRET
 
 pytestmark = pytest.mark.services
 STAGES = ["prepare_data", "pretrain", "sft", "reward", "align", "evaluate"]
@@ -188,19 +188,31 @@ def test_run_publishes_prefect_artifacts(first_run, prefect_client):
 
 
 def test_no_credentials_reach_mlflow_or_prefect(first_run, services, prefect_client, tmp_path):
+    """The AWS secret and the MLflow password (inside the tracking URI, on the client and on both workers)
+    appear in no MLflow param, tag or config artifact, and in no Prefect parameter, log or artifact of the
+    pipeline's flow run or of the stage flow run on the second pool (whose worker authenticated to MLflow
+    with the credentials of its own environment: the server refuses requests without them)."""
+    secrets = (SECRET, ACCESS_KEY, MLFLOW_PASSWORD)
     client, parent = _mlflow_parent(services, str(first_run.id))
     runs = [parent, *client.search_runs([parent.info.experiment_id],
                                         filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")]
     for run in runs:
         text = json.dumps({"params": run.data.params, "tags": run.data.tags})
-        assert SECRET not in text and ACCESS_KEY not in text
+        assert not any(s in text for s in secrets)
     resolved = Path(client.download_artifacts(parent.info.run_id, "config/resolved.yaml", str(tmp_path))).read_text()
-    assert SECRET not in resolved and yaml.safe_load(resolved)["storage"]["root"] == "s3://posttrain/runs"
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    assert not any(s in resolved for s in secrets)
+    assert yaml.safe_load(resolved)["storage"]["root"] == "s3://posttrain/runs"
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
 
-    logs = prefect_client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[first_run.id])))
-    assert logs and not any(SECRET in log.message or ACCESS_KEY in log.message for log in logs)
-    assert SECRET not in json.dumps(prefect_client.read_flow_run(first_run.id).parameters)
+    [stage_run] = _child_flow_runs(prefect_client, first_run.id)
+    assert stage_run.parameters["env"]["tracking_uri"] == services["mlflow_uri"].replace(f"admin:{MLFLOW_PASSWORD}@", "")
+    ids = [first_run.id, stage_run.id]
+    logs = prefect_client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
+    artifacts = prefect_client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)))
+    assert logs and artifacts
+    stored = json.dumps({"parameters": [prefect_client.read_flow_run(i).parameters for i in ids],
+                         "logs": [log.message for log in logs], "artifacts": [a.data for a in artifacts]}, default=str)
+    assert not any(s in stored for s in secrets)
 
 
 def test_second_run_with_same_parameters_is_all_cache_hits_from_s3(first_run, prefect_client, deployment, services):

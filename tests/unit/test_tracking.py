@@ -34,3 +34,31 @@ def test_long_params_are_cut_with_a_marker_not_dropped(tmp_path):
     assert len(run.data.params["long"]) == tracking.MAX_PARAM_CHARS
     assert run.data.params["long"].endswith("full value in config/resolved.yaml]")
     assert run.data.tags["posttrain.params_cut"] == "long"
+
+
+def test_credentials_are_stripped_for_parameters_and_found_again_in_the_local_environment(monkeypatch):
+    from tasks.tracking import strip_credentials, with_local_credentials
+
+    secret = "https://alice:pa55word@mlflow.example.com:5000"
+    assert strip_credentials(secret) == "https://mlflow.example.com:5000"
+    assert strip_credentials("sqlite:///tmp/x.db") == "sqlite:///tmp/x.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", secret)
+    assert with_local_credentials("https://mlflow.example.com:5000") == secret
+    assert with_local_credentials("https://mlflow.example.com:5000/") == secret
+    assert with_local_credentials("https://other.example.com") == "https://other.example.com", "only the same server"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example.com:5000")
+    assert with_local_credentials("https://mlflow.example.com:5000") == "https://mlflow.example.com:5000"
+
+
+def test_a_password_in_the_recipe_moves_out_of_the_flow_parameters(monkeypatch):
+    from flows.config import PipelineConfig
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # restored after the test, whatever the code sets
+    cfg = PipelineConfig.model_validate({"model": {"base": "org/name"}, "tracking": {"uri": "https://u:pw@host"},
+                                         **{"data": {k: {"source": "x.jsonl"} for k in ("sft", "preference", "eval")}}})
+    safe = cfg.without_credentials()
+    assert "pw" not in safe.model_dump_json()
+    import os
+
+    assert os.environ["MLFLOW_TRACKING_URI"] == "https://u:pw@host"
+    assert safe.resolved().tracking.uri == "https://u:pw@host", "the run itself still authenticates"
