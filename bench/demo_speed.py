@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,27 +27,11 @@ sys.path.insert(0, str(ROOT))
 
 from flows.config import load_config  # noqa: E402
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "POSTTRAIN_PROGRESS": "0",
-       "TOKENIZERS_PARALLELISM": "false"}
-
-
-def timed(cmd: list[str], env: dict, log: Path) -> float:
-    started = time.perf_counter()
-    with open(log, "w") as f:
-        result = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    elapsed = time.perf_counter() - started
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:3])} failed (exit {result.returncode}); see {log}")
-    return elapsed
+from common import ENV, posttrain_run, stop_server, timed  # noqa: E402
 
 
 def posttrain(home: Path, *overrides: str) -> tuple[float, dict]:
-    summary = home / f"summary-{len(list(home.glob('summary-*')))}.json"
-    cmd = [sys.executable, "-m", "flows.cli", "run", "--summary-json", str(summary)]
-    for item in overrides:
-        cmd += ["--set", item]
-    wall = timed(cmd, {**ENV, "POSTTRAIN_HOME": str(home)}, home / f"{summary.stem}.log")
-    return wall, json.loads(summary.read_text())
+    return posttrain_run(home, f"summary-{len(list(home.glob('summary-*.json')))}", *overrides)
 
 
 def attempt_dir(summary: dict, stage: str) -> str:
@@ -90,6 +71,8 @@ def main() -> None:
             stage_seconds.setdefault(s["name"], []).append(s["seconds"])
         print(f"run {i + 1}: {wall:.1f} s end to end", flush=True)
     rlhf_wall, rlhf = posttrain(work / "run-0", "align.method=rlhf")
+    for i in range(args.runs):
+        stop_server(work / f"run-{i}")
     print(f"rlhf variant (align + evaluate rerun): {rlhf_wall:.1f} s", flush=True)
 
     first = summaries[0]

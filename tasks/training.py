@@ -80,9 +80,15 @@ def trainer_kwargs(t: TrainingSettings, scratch: Path, seed: int) -> dict:
     precision = t.precision
     if precision == "auto":
         precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    from transformers import TrainingArguments
+
     from tasks.launch import TRAINER_OUTPUT_ENV
 
+    # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (TRL still sets the old one).
+    checkpointing = ({"activation_checkpointing": t.gradient_checkpointing}
+                     if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else {})
     return dict(
+        **checkpointing,
         output_dir=os.environ.get(TRAINER_OUTPUT_ENV) or str(scratch),
         learning_rate=t.learning_rate,
         num_train_epochs=t.epochs,
@@ -130,6 +136,8 @@ def metrics_callback(log: Callable[[dict[str, float], int], None], stage: str):
     from transformers import TrainerCallback
 
     class _StepLogger(TrainerCallback):
+        replaces_library_printing = True  # see train_with_checkpoints
+
         def __init__(self):
             self.started = time.monotonic()
 
@@ -146,6 +154,12 @@ def metrics_callback(log: Callable[[dict[str, float], int], None], stage: str):
 def train_with_checkpoints(trainer, checkpoints=None) -> dict[str, float]:
     """trainer.train(), resuming from the newest stored checkpoint when there is one; periodic checkpoints
     (training.checkpoint_steps) are uploaded as they are written. Returns {"train/resumed_from_step"}."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    if any(getattr(cb, "replaces_library_printing", False) for cb in trainer.callback_handler.callbacks):
+        # One line per logged step from our step logger; not transformers' dict of every logged value too.
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
     resume = None
     if checkpoints is not None:
         trainer.add_callback(checkpoints.callback())
