@@ -174,12 +174,6 @@ def test_changing_one_data_row_reruns_from_prepare_data(first, state_home, data)
         "align": "completed", "evaluate": "completed"}
 
 
-def test_bad_config_fails_before_any_compute(state_home, capsys):
-    code, summary = run_cli(state_home, "align.beta=-1")
-    assert code == 2 and summary == {}
-    assert "align.beta: Input should be greater than 0" in capsys.readouterr().err
-
-
 def test_bad_data_fails_the_stage_in_mlflow_with_the_row(state_home, data, tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "1 + 1", "completion": "2"}\n{"prompt": "2 + 2"}\n')

@@ -5,7 +5,8 @@ from pydantic import BaseModel
 
 from flows.config import ConfigError, PipelineConfig, load_config
 
-RECIPES = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 def test_there_are_recipes():
@@ -101,3 +102,14 @@ def test_resolved_defaults_live_under_the_state_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert load_config().resolved().tracking.uri == "http://127.0.0.1:5000"
     assert load_config(None, ["tracking.uri=sqlite:///x.db"]).resolved().tracking.uri == "sqlite:///x.db"
+
+
+def test_bad_config_fails_before_any_compute(tmp_path, monkeypatch, capsys):
+    from flows.cli import main
+
+    monkeypatch.setenv("POSTTRAIN_HOME", str(tmp_path))
+    code = main(["run", "--config", str(ROOT / "configs" / "tiny.yaml"), "--set", "align.beta=-1"])
+    assert code == 2
+    assert "align.beta: Input should be greater than 0" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "prefect" / "posttrain-server.json").exists(), \
+        "nothing was started or created"
