@@ -99,6 +99,7 @@ def start_mlflow(work: Path, name: str = "mlflow", artifacts: str | None = None,
                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
         cmd += ["--app-name", "basic-auth"]
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
+        env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = "posttrain-test-csrf-key"
     server = Server("MLflow server", cmd, f"http://127.0.0.1:{port}/health", env, work / f"{name}.log")
     server.client_uri = (f"http://{MLFLOW_USER}:{MLFLOW_PASSWORD}@127.0.0.1:{port}" if auth
                          else f"http://127.0.0.1:{port}")
