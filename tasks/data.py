@@ -206,13 +206,13 @@ def _rename(src: DatasetSource, rows: list[tuple[int, Any]]) -> list[tuple[int, 
 # ---- normalizing -----------------------------------------------------------------------------
 
 
-def _text(record: dict, field: str, where: str) -> str:
+def _text(record: dict, field: str, where: str, allow_empty: bool = False) -> str:
     if field not in record or record[field] is None:
         raise DataError(f"{where}: field '{field}' is missing")
     value = record[field]
     if not isinstance(value, str):
         raise DataError(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
-    if not value.strip():
+    if not value.strip() and not allow_empty:
         raise DataError(f"{where}: field '{field}' is empty")
     return value
 
@@ -237,14 +237,14 @@ def _prompt(record: dict, where: str) -> list[dict]:
     return [{"role": "user", "content": _text(record, "prompt", where)}]
 
 
-def _reply(record: dict, field: str, where: str) -> list[dict]:
+def _reply(record: dict, field: str, where: str, allow_empty: bool = False) -> list[dict]:
     value = record.get(field)
     if isinstance(value, list):
         msgs = _messages(value, field, where)
         if msgs[-1]["role"] != "assistant":
             raise DataError(f"{where}: field '{field}' must end with an assistant message")
         return msgs
-    return [{"role": "assistant", "content": _text(record, field, where)}]
+    return [{"role": "assistant", "content": _text(record, field, where, allow_empty)}]
 
 
 def normalize(kind: str, record: Any, where: str) -> dict:
@@ -260,10 +260,10 @@ def normalize(kind: str, record: Any, where: str) -> dict:
             return {"prompt": msgs[:last], "completion": [msgs[last]]}
         return {"prompt": _prompt(record, where), "completion": _reply(record, "completion", where)}
     if kind == "preference":
-        return {
+        return {  # an empty rejected reply is real data: a model that says nothing, ranked below an answer
             "prompt": _prompt(record, where),
             "chosen": _reply(record, "chosen", where),
-            "rejected": _reply(record, "rejected", where),
+            "rejected": _reply(record, "rejected", where, allow_empty=True),
         }
     if kind == "unpaired":
         label = record.get("label")

@@ -7,9 +7,11 @@ It is built so that every post-training stage has something honest to learn:
 * the SFT demonstrations come from a sloppy annotator who forgets the carry most of the time
   (``carry_error_rate``), so SFT learns the format and the easy sums but often answers 7+5 with 2;
 * the preference pairs come from a careful grader who compares the right sum with each plausible
-  mistake: the carry dropped (or a spurious one added), near misses (±1, ±2) and a random number. So a
-  reward model, DPO or RL can fix the carry, and a reward model cannot get by on a shortcut such as
-  "two digits beat one" (it must rank the right sum above its neighbours);
+  mistake: the carry dropped (or a spurious one added), near misses (±1, ±2), a random number, and a
+  non-answer (nothing, a question mark, a shrug, the sum said twice). So a reward model, DPO or RL can
+  fix the carry, a reward model cannot get by on a shortcut such as "two digits beat one" (it must rank
+  the right sum above its neighbours), and RL finds no reply the reward model over-rates because it
+  never saw one like it (measured: without the non-answers, one RLHF run learned to answer nothing);
 * the evaluation prompts are phrasings of the question that appear in no training file, with the
   true sum as reference.
 
@@ -61,13 +63,14 @@ def _slip(a: int, b: int, rng: random.Random) -> int:
     return wrong
 
 
-def _mistakes(a: int, b: int, rng: random.Random) -> list[int]:
-    """The wrong answers a careful grader ranks below the right sum: the carry dropped (or a spurious one
-    added), near misses and one random number; distinct, non-negative."""
+def _mistakes(a: int, b: int, rng: random.Random) -> list[str]:
+    """The replies a careful grader ranks below the right sum: the carry dropped (or a spurious one added),
+    near misses, one random number (distinct, non-negative) and one non-answer."""
     s = a + b
     candidates = [s - 10 if s >= 10 else s + 10, s - 1, s + 1, s - 2, s + 2,
                   rng.choice([n for n in range(19) if n != s])]
-    return list(dict.fromkeys(n for n in candidates if n >= 0))
+    wrong = [str(n) for n in dict.fromkeys(n for n in candidates if n >= 0)]
+    return wrong + [rng.choice(("", "?", "I don't know.", f"{s} {s}"))]
 
 
 def generate(
@@ -90,7 +93,7 @@ def generate(
     elif part == "preference":
         for a, b, t in train:
             prompt = _prompt(a, b, t)
-            rows += [{"prompt": prompt, "chosen": str(a + b), "rejected": str(n)} for n in _mistakes(a, b, rng)]
+            rows += [{"prompt": prompt, "chosen": str(a + b), "rejected": wrong} for wrong in _mistakes(a, b, rng)]
     elif part == "unpaired":
         for a, b, t in train:
             good = rng.random() < 0.5

@@ -90,6 +90,17 @@ def test_preference_and_unpaired_errors_name_the_field(tmp_path):
         _prepare(tmp_path, unpaired=unpaired)
 
 
+def test_an_empty_rejected_reply_is_data_but_an_empty_chosen_one_is_an_error(tmp_path):
+    pref = _jsonl(tmp_path / "p.jsonl", [{"prompt": f"{i} + 1", "chosen": str(i + 1), "rejected": ""} for i in range(20)])
+    _, out = _prepare(tmp_path, preference=pref)
+    rows = [json.loads(line) for split in ("train", "eval")
+            for line in (out / "preference" / f"{split}.jsonl").read_text().splitlines()]
+    assert len(rows) == 20 and all(r["rejected"] == [{"role": "assistant", "content": ""}] for r in rows)
+    bad = _jsonl(tmp_path / "q.jsonl", [{"prompt": "1 + 1", "chosen": " ", "rejected": "3"}])
+    with pytest.raises(DataError, match=r"q.jsonl: row 1: field 'chosen' is empty"):
+        _prepare(tmp_path, preference=bad)
+
+
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(DataError, match=r"nope.jsonl: file not found"):
         _prepare(tmp_path, sft=str(tmp_path / "nope.jsonl"))
@@ -143,8 +154,12 @@ def test_synthetic_task_is_deterministic_and_eval_prompts_are_held_out():
     train_prompts = {r["prompt"] for r in synthetic.generate("sft")} | {r["prompt"] for r in synthetic.generate("preference")}
     eval_rows = synthetic.generate("eval")
     assert eval_rows and not train_prompts & {r["prompt"] for r in eval_rows}
-    for row in synthetic.generate("preference"):
+    pairs = synthetic.generate("preference")
+    for row in pairs:
         assert row["chosen"] != row["rejected"]
+    # The careful grader ranks the right sum above its neighbours and above non-answers.
+    rejected = {row["rejected"] for row in pairs}
+    assert {"", "?", "I don't know."} <= rejected and {str(n) for n in range(19)} <= rejected
     # The corpus holds training questions and counting runs only: never a question with its answer.
     questions = {r["prompt"] for r in synthetic.generate("sft")}
     for row in synthetic.generate("corpus"):
