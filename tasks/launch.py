@@ -79,6 +79,7 @@ def main(spec_path: str) -> None:
     os.environ[TRAINER_OUTPUT_ENV] = spec["trainer_output"]
     inputs = {k: Path(v) if Path(v).exists() else v for k, v in spec["inputs"].items()}
     metrics = _function(spec["target"])(spec["config"], inputs, Path(spec["out"]), ctx)
+    ctx.flush()
     if is_main_process():
         Path(spec["metrics_path"]).write_text(json.dumps(metrics))
 

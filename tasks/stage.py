@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,14 +51,23 @@ class StageContext:
     run_id: str | None  # None: nothing is logged (a non-zero rank, or a plain call)
     stage: str | None = None
     cache_key: str | None = None
+    pending: list = field(default_factory=list)  # curve points being logged in the background
 
     @property
     def trust_remote_code(self) -> bool:
         return bool(self.env and self.env.trust_remote_code)
 
     def log_step(self, metrics: dict[str, float], step: int) -> None:
+        """A point of the training curve, logged in the background so that training does not wait for
+        the tracking store (a SQLite commit or an HTTP call per logged step); see flush()."""
         if self.run_id and self.env:
-            tracking.log_metrics(self.env.tracking_uri, self.run_id, metrics, step)
+            self.pending.append(tracking.log_metrics(self.env.tracking_uri, self.run_id, metrics, step,
+                                                     synchronous=False))
+
+    def flush(self) -> None:
+        """Wait until every curve point is in the tracking store (raises if one could not be logged)."""
+        while self.pending:
+            self.pending.pop(0).wait()
 
     def checkpoints(self, training):
         """Store-backed checkpoints when training.checkpoint_steps is set and the stage has a store and key."""
@@ -171,6 +180,7 @@ def execute_stage(stage: str, work: Work, config: dict, inputs: dict[str, dict],
             logger.info("[%s] running (cache key %s)", stage, key)
             with store.write(stage, key) as pending:
                 metrics = work(config, local, pending.path, ctx)
+                ctx.flush()
                 pending.metadata = {"metrics": metrics, "mlflow_run_id": run_id, "config": config,
                                     "inputs": {n: r.to_dict() for n, r in refs.items()}, "seed": seed}
             output = pending.ref

@@ -135,12 +135,17 @@ def log_params(tracking_uri: str, run_id: str, params: dict[str, Any]) -> None:
         c.set_tag(run_id, "posttrain.params_cut", ",".join(cut))
 
 
-def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int = 0,
+                synchronous: bool = True):
+    """Log metrics at `step`. With synchronous=False, MLflow's background queue logs them and this returns
+    a handle whose .wait() blocks until they are stored (raising if they could not be)."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     batch = [Metric(sanitize_metric_name(k), float(v), now, step) for k, v in metrics.items()]
     c = client(tracking_uri)
+    if not synchronous:
+        return c.log_batch(run_id, metrics=batch[:1000], synchronous=False)
     for start in range(0, len(batch), 500):
         c.log_batch(run_id, metrics=batch[start : start + 500])
 
