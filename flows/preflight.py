@@ -6,7 +6,7 @@ import urllib.error
 import urllib.request
 
 from flows.config import PipelineConfig
-from tasks.tracking import redact
+from tasks.tracking import redact, strip_credentials
 
 
 class PreflightError(RuntimeError):
@@ -14,18 +14,49 @@ class PreflightError(RuntimeError):
 
 
 def check_tracking(uri: str, timeout: float = 10.0) -> None:
+    """The MLflow server answers, and accepts the credentials this process has for it (user:password in
+    the URI, or MLFLOW_TRACKING_USERNAME / _PASSWORD), if any."""
     if not uri.startswith(("http://", "https://")):
         return
+    base = strip_credentials(uri).rstrip("/")
+    _get(f"{base}/health", uri, timeout)
+    user, password = _credentials(uri)
+    if user is not None:
+        import base64
+
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        status = _get(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", uri, timeout,
+                      {"Authorization": f"Basic {token}"})
+        if status in (401, 403):
+            raise PreflightError(f"tracking.uri {redact(uri)}: the MLflow server refused the credentials "
+                                 f"(HTTP {status}); check the password in MLFLOW_TRACKING_URI or MLFLOW_TRACKING_PASSWORD")
+
+
+def _credentials(uri: str) -> tuple[str | None, str | None]:
+    import os
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(uri)
+    if parts.username is not None:
+        return unquote(parts.username), unquote(parts.password or "")
+    if os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        return os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
+    return None, None
+
+
+def _get(url: str, uri: str, timeout: float, headers: dict | None = None) -> int:
+    """The HTTP status of GET url (4xx returned, 5xx and no answer raised, naming the setting)."""
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
-            if response.status >= 500:
-                raise PreflightError(f"tracking.uri {redact(uri)}: MLflow server answered HTTP {response.status}")
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as response:
+            status = response.status
     except urllib.error.HTTPError as e:
-        if e.code >= 500:
-            raise PreflightError(f"tracking.uri {redact(uri)}: MLflow server answered HTTP {e.code}") from None
+        status = e.code
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise PreflightError(f"tracking.uri {redact(uri)}: MLflow server unreachable ({reason})") from None
+    if status >= 500:
+        raise PreflightError(f"tracking.uri {redact(uri)}: MLflow server answered HTTP {status}")
+    return status
 
 
 def check_storage(root: str) -> None:

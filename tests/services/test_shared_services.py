@@ -223,3 +223,14 @@ def test_second_run_with_same_parameters_is_all_cache_hits_from_s3(first_run, pr
     assert {parent.data.tags[f"posttrain.status.{s}"] for s in STAGES} == {"cached"}
     # The worker's local artifact cache was never used: outputs and results were read back from S3.
     assert not (Path(services["env"]["POSTTRAIN_HOME"]) / "artifacts").exists()
+
+
+def test_a_wrong_mlflow_password_is_named_before_any_compute(services, tmp_path):
+    env = {**services["env"], "POSTTRAIN_HOME": str(tmp_path),
+           "MLFLOW_TRACKING_URI": services["mlflow_uri"].replace(MLFLOW_PASSWORD, "not-the-password")}
+    result = subprocess.run(["posttrain", "run", "--config", "configs/tiny.yaml"], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "the MLflow server refused the credentials (HTTP 401)" in result.stderr
+    assert "not-the-password" not in result.stdout + result.stderr
+    assert not (tmp_path / "artifacts").exists(), "nothing ran"

@@ -21,6 +21,7 @@ def test_credentials_in_the_tracking_uri_are_not_echoed():
     with pytest.raises(PreflightError) as err:
         check_tracking(f"http://bob:hunter2@127.0.0.1:{_closed_port()}", timeout=2)
     assert "hunter2" not in str(err.value) and "***@" in str(err.value)
+    assert "Connection refused" in str(err.value), "the host is 127.0.0.1, not the user name"
 
 
 def test_unreachable_s3_endpoint_is_named(monkeypatch):
