@@ -34,7 +34,8 @@ def main() -> None:
     import trl  # noqa: F401
 
     from flows.config import load_config
-    from tasks.align import align
+    from tasks import dpo
+    from tasks.stage import StageContext
     from tasks.data import DatasetSource, prepare_data, read_rows
     from tasks.evaluate import evaluate
     from tasks.pretrain import pretrain
@@ -54,14 +55,17 @@ def main() -> None:
         seconds[name] = time.perf_counter() - t
         print(f"{name}: {seconds[name]:.1f} s", flush=True)
 
-    stage("prepare_data", lambda: prepare_data(cfg.data, folders["data"], seed))
-    texts = [r["text"] for _, r in read_rows(DatasetSource(source=cfg.pretrain.corpus)) if r.get("text")]
-    stage("pretrain", lambda: pretrain(cfg.pretrain, texts, folders["base"], seed))
-    stage("sft", lambda: train_sft(cfg.sft, folders["data"], folders["base"], folders["sft"], seed))
-    stage("reward", lambda: train_reward(cfg.reward, folders["data"], folders["sft"], folders["reward"], seed))
-    stage("align", lambda: align(cfg.align, folders["data"], folders["sft"], folders["reward"], folders["policy"], seed))
+    s = cfg.stages
+    stage("prepare_data", lambda: prepare_data(s["prepare_data"], folders["data"], seed))
+    texts = [r["text"] for _, r in read_rows(DatasetSource(source=s["pretrain"].corpus)) if r.get("text")]
+    stage("pretrain", lambda: pretrain(s["pretrain"], texts, folders["base"], seed))
+    stage("sft", lambda: train_sft(s["sft"], folders["data"], folders["base"], folders["sft"], seed))
+    stage("reward", lambda: train_reward(s["reward"], folders["data"], folders["sft"], folders["reward"], seed))
+    ctx = StageContext(seed=seed, env=None, run_id=None, stage="align")
+    stage("align", lambda: dpo._train(s["align"], {"data": folders["data"], "policy": folders["sft"]},
+                                      folders["policy"], ctx))
     models = {"base": folders["base"], "sft": folders["sft"], "policy": folders["policy"]}
-    stage("evaluate", lambda: evaluate(cfg.evaluate, folders["data"], models, folders["reward"],
+    stage("evaluate", lambda: evaluate(s["evaluate"], folders["data"], models, folders["reward"],
                                        folders["evaluation"], seed))
     print(f"imports {imports:.1f} s, stages {sum(seconds.values()):.1f} s", flush=True)
     if args.json:

@@ -80,12 +80,12 @@ def main() -> None:
     startup = [timed(["trl", "sft", "--help"], ENV, work / "startup.log") for _ in range(args.trl_runs)]
     trl_sft, trl_dpo = [], []
     for i in range(args.trl_runs):
-        t = cfg.sft.training
+        t = cfg.stages["sft"].training
         trl_sft.append(timed(["trl", "sft", "--model_name_or_path", base, "--dataset_name", f"{data}/sft",
                               *common_flags(t, work / "trl-sft")], ENV, work / f"trl-sft-{i}.log"))
-        t = cfg.align.dpo.training
+        t = cfg.stages["align"].training
         trl_dpo.append(timed(["trl", "dpo", "--model_name_or_path", sft, "--dataset_name", f"{data}/preference",
-                              "--beta", str(cfg.align.beta), "--loss_type", *cfg.align.dpo.loss_type,
+                              "--beta", str(cfg.stages["align"].beta), "--loss_type", *cfg.stages["align"].loss_type,
                               *common_flags(t, work / "trl-dpo")], ENV, work / f"trl-dpo-{i}.log"))
         print(f"trl run {i + 1}: sft {trl_sft[-1]:.1f} s, dpo {trl_dpo[-1]:.1f} s", flush=True)
 

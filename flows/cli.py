@@ -53,15 +53,17 @@ def print_summary(summary: dict, home: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from flows.lineage import headline
+
     console = Console(stderr=False)
     table = Table(title="posttrain stages")
-    for column in ("stage", "status", "seconds", "headline metrics"):
+    for column in ("stage", "kind", "status", "seconds", "headline metrics"):
         table.add_column(column)
     colors = {"completed": "green", "cached": "cyan", "failed": "red"}
     for stage in summary["stages"]:
-        headline = ", ".join(f"{k}={v:.3g}" for k, v in _headline(stage).items())
-        table.add_row(stage["name"], f"[{colors[stage['status']]}]{stage['status']}", f"{stage['seconds']:.1f}",
-                      headline or stage.get("error", "")[:120])
+        shown = ", ".join(f"{k}={v:.3g}" for k, v in headline(stage).items())
+        table.add_row(stage["name"], stage.get("kind", ""), f"[{colors[stage['status']]}]{stage['status']}",
+                      f"{stage['seconds']:.1f}", shown or stage.get("error", "")[:120])
     console.print(table)
     console.print(f"MLflow parent run: {summary['mlflow_run_id']}   Prefect flow run: {summary['flow_run_id']}")
     uri = summary.get("tracking_uri", "")
@@ -69,21 +71,6 @@ def print_summary(summary: dict, home: Path) -> None:
         console.print(f"Open the MLflow UI:  mlflow ui --backend-store-uri {uri}")
     elif uri:
         console.print(f"MLflow UI: {uri}")
-
-
-_HEADLINES = {
-    "prepare_data": ("sft/train_rows", "preference/train_rows", "eval/test_rows"),
-    "pretrain": ("train/final_loss",),
-    "sft": ("train/final_loss", "eval/loss"),
-    "reward": ("pairwise_accuracy",),
-    "align": ("train/final_loss",),
-    "evaluate": ("base/task_accuracy", "sft/task_accuracy", "policy/task_accuracy", "policy/win_rate_vs_sft",
-                 "policy/kl_to_sft"),
-}
-
-
-def _headline(stage: dict) -> dict[str, float]:
-    return {k: stage["metrics"][k] for k in _HEADLINES.get(stage["name"], ()) if k in stage["metrics"]}
 
 
 def _load_recipe(args):
@@ -97,13 +84,102 @@ def _load_recipe(args):
         return None
 
 
+def _selection(args, config) -> dict | None:
+    """--only / --from / --refresh as flow parameters, after checking they name stages of the recipe."""
+    from flows.graph import build_nodes, node_names
+
+    chosen = {"only": args.only or [], "start_from": args.start_from or [], "refresh": args.refresh or []}
+    nodes = build_nodes(config)
+    for flag, names in (("--only", chosen["only"]), ("--from", chosen["start_from"]), ("--refresh", chosen["refresh"])):
+        for name in names:
+            try:
+                node_names(nodes, name)
+            except KeyError as e:
+                print(f"error: {flag} {e.args[0]}", file=sys.stderr)
+                return None
+    return chosen
+
+
+def _recipe_and_selection(args):
+    """(recipe, {only, start_from, refresh}), or None after printing what is wrong with them."""
+    config = _load_recipe(args)
+    chosen = _selection(args, config) if config is not None else None
+    return None if chosen is None else (config, chosen)
+
+
 def cmd_run(args) -> int:
     home = _prepare_environment()
     _setup_logging()
+    loaded = _recipe_and_selection(args)
+    if loaded is None:
+        return 2
+    config, chosen = loaded
+    return _run_pipeline(config, args.summary_json, home, server=_local_prefect_server(), selection=chosen)[0]
+
+
+def cmd_validate(args) -> int:
+    _prepare_environment()
     config = _load_recipe(args)
     if config is None:
         return 2
-    return _run_pipeline(config, args.summary_json, home, server=_local_prefect_server())[0]
+    from flows.graph import build_nodes
+
+    print(f"{args.config or 'configs/demo.yaml'}: recipe {config.name!r} is valid; stages in order:")
+    for node in build_nodes(config):
+        wired = ", ".join([f"{slot}<-{up}" for slot, up in node.stage_inputs.items()]
+                          + [f"{slot}<-{ref}" for slot, ref in node.model_inputs.items()])
+        print(f"  {node.name:<22} {node.kind.name:<13} {wired}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    home = _prepare_environment()
+    loaded = _recipe_and_selection(args)
+    if loaded is None:
+        return 2
+    config, chosen = loaded
+    from flows.plan import make_plan, print_plan
+
+    try:
+        rows = make_plan(config, chosen["only"], chosen["start_from"], chosen["refresh"])
+    except (OSError, ValueError) as e:  # an input cannot be read (data file, model folder)
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print_plan(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"recipe": config.name, "state_folder": str(home),
+                                               "stages": [r.to_dict() for r in rows]}, indent=2))
+    return 0
+
+
+def cmd_gc(args) -> int:
+    home = _prepare_environment()
+    from flows.config import StorageConfig
+    from flows.gc import delete, find_garbage, referenced_outputs
+    from tasks.store import ArtifactStore
+
+    root = args.storage_root or StorageConfig().root or str(home / "artifacts")
+    store = ArtifactStore(root)
+    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home}/mlflow.db"
+    referenced = None
+    if args.keep_days > 0:
+        try:
+            referenced = referenced_outputs(tracking_uri, args.keep_days)
+        except Exception as e:  # the tracking store is down or elsewhere: keep every committed output
+            print(f"warning: cannot read runs from {tracking_uri} ({type(e).__name__}: {e}); keeping every "
+                  "committed output", file=sys.stderr)
+    items = find_garbage(store, referenced, args.min_age_hours)
+    for item in items:
+        print(f"{item.bytes / 2**20:10.1f} MiB  {item.reason:<45}  {item.path}")
+    total = sum(i.bytes for i in items) / 2**20
+    if not items:
+        print(f"nothing to collect in {root}")
+    elif args.yes:
+        delete(store, items)
+        print(f"deleted {len(items)} item(s), {total:.1f} MiB, from {root}")
+    else:
+        print(f"{len(items)} item(s), {total:.1f} MiB, would be deleted from {root}; run again with --yes to delete")
+    return 0
 
 
 def _local_prefect_server():
@@ -146,7 +222,7 @@ def _warm_up(config) -> None:
 
 
 def _run_pipeline(config, summary_json: str | None, home: Path, run_tags: dict | None = None,
-                  server=None) -> tuple[int, dict]:
+                  server=None, selection: dict | None = None) -> tuple[int, dict]:
     from flows.pipeline import PipelineFailed, post_training_pipeline
     from flows.preflight import PreflightError, preflight
 
@@ -167,7 +243,8 @@ def _run_pipeline(config, summary_json: str | None, home: Path, run_tags: dict |
             return 1, {}
     try:
         with _prefect_api(server):
-            summary = post_training_pipeline(config=config.without_credentials(), run_tags=run_tags)
+            summary = post_training_pipeline(config=config.without_credentials(), run_tags=run_tags,
+                                             **(selection or {}))
         code = 0
     except PipelineFailed as e:
         summary, code = e.summary, 1
@@ -262,7 +339,11 @@ def cmd_deploy(args) -> int:
         return 2
     from flows.deploy import deploy_pipeline
 
-    deployment_id = deploy_pipeline(config, args.name or config.name, args.pool, args.cron, args.timezone)
+    from flows.config import DEFAULT_RECIPE, recipe_path
+
+    recipe = recipe_path(args.config) if args.config else DEFAULT_RECIPE
+    deployment_id = deploy_pipeline(config, args.name or config.name, args.pool, args.cron, args.timezone,
+                                    recipe=str(recipe), overrides=args.set or [])
     print(f"deployment posttrain/{args.name or config.name} ({deployment_id}) on work pool {args.pool!r}"
           + (f", schedule {args.cron!r} {args.timezone}" if args.cron else ", no schedule"))
     print(f"start a worker:  prefect worker start --pool {args.pool}")
@@ -272,12 +353,41 @@ def cmd_deploy(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="posttrain", description="LLM post-training as a cached Prefect flow.")
+    parser.add_argument("--version", action="version", version=f"posttrain {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a recipe end to end (default: configs/demo.yaml)")
-    run.add_argument("--config", help="YAML recipe (default: configs/demo.yaml)")
-    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. align.beta=0.2")
+
+    def recipe_arguments(command, selecting: bool = True):
+        command.add_argument("--config", help="YAML recipe (default: configs/demo.yaml)")
+        command.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. align.beta=0.2")
+        if selecting:
+            command.add_argument("--only", action="append", metavar="STAGE",
+                                 help="run only this stage (repeatable); the stages it reads must be in the store")
+            command.add_argument("--from", dest="start_from", action="append", metavar="STAGE",
+                                 help="run this stage and everything downstream of it (repeatable)")
+            command.add_argument("--refresh", action="append", metavar="STAGE",
+                                 help="recompute this stage even if its output is cached (repeatable)")
+
+    run = sub.add_parser("run", help="run a recipe's stages (default: configs/demo.yaml)")
+    recipe_arguments(run)
     run.add_argument("--summary-json", metavar="PATH", help="write the run summary as JSON")
     run.set_defaults(func=cmd_run)
+    plan = sub.add_parser("plan", help="show each stage's cache key and whether it would run or come from the "
+                          "store, and why, without running anything")
+    recipe_arguments(plan)
+    plan.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
+    plan.set_defaults(func=cmd_plan)
+    validate = sub.add_parser("validate", help="check a recipe (settings and stage graph) and print its stages")
+    recipe_arguments(validate, selecting=False)
+    validate.set_defaults(func=cmd_validate)
+    gc = sub.add_parser("gc", help="find what the artifact store keeps but no run needs (dry run; --yes deletes)")
+    gc.add_argument("--storage-root", help="artifact store root (default: $POSTTRAIN_HOME/artifacts)")
+    gc.add_argument("--tracking-uri", help="MLflow tracking URI whose runs reference outputs (default: the state folder's)")
+    gc.add_argument("--keep-days", type=float, default=30.0,
+                    help="keep committed outputs that a stage run of the last N days names (0: keep all outputs)")
+    gc.add_argument("--min-age-hours", type=float, default=24.0,
+                    help="leave uncommitted attempts younger than this alone (a stage may be writing them)")
+    gc.add_argument("--yes", action="store_true", help="delete what is listed")
+    gc.set_defaults(func=cmd_gc)
     rep = sub.add_parser("reproduce", help="rerun a past pipeline run from what MLflow holds and compare")
     rep.add_argument("run_id", help="the MLflow run id of the pipeline (parent) run")
     rep.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the state folder's)")
@@ -295,8 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     server.add_argument("action", choices=("status", "stop"))
     server.set_defaults(func=cmd_server)
     deploy = sub.add_parser("deploy", help="register the recipe as a scheduled Prefect deployment")
-    deploy.add_argument("--config", help="YAML recipe (default: configs/demo.yaml); its config is the default parameter")
-    deploy.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field of the recipe")
+    deploy.add_argument("--config", help="YAML recipe (default: configs/demo.yaml): the run form's default")
+    deploy.add_argument("--set", action="append", metavar="KEY=VALUE", help="an override every run starts with")
     deploy.add_argument("--name", help="deployment name (default: the recipe's name)")
     deploy.add_argument("--pool", default="posttrain", help="work pool (created as a process pool if missing)")
     deploy.add_argument("--cron", help="cron schedule, e.g. '0 3 * * *' (default: no schedule)")
@@ -304,6 +414,15 @@ def main(argv: list[str] | None = None) -> int:
     deploy.set_defaults(func=cmd_deploy)
     args = parser.parse_args(argv)
     return args.func(args)
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("posttrain")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def entry() -> None:

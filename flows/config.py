@@ -1,28 +1,36 @@
-"""The pipeline's configuration: one typed model composed of the stages' own sections.
+"""The recipe: one typed model. Its `stages` name stage instances, each with a kind (tasks/kinds.py), its
+settings and its inputs by name; together they form the graph the flow runs.
 
-Recipes are YAML files in configs/; `--set a.b=value` overrides any field (the value is read as
-YAML, so `--set align.beta=0.2` gives a float and `--set sft.training.lora.enabled=true` a bool).
+    stages:
+      data: {kind: prepare_data, sft: {source: demos.jsonl}, preference: {source: pairs.jsonl}}
+      sft:  {kind: sft, inputs: {data: data, base: Qwen/Qwen2.5-0.5B}, training: {epochs: 2}}
+      dpo:  {kind: dpo, inputs: {data: data, policy: sft}, beta: 0.1}
+
+An input names another instance (its output) or an external model: a Hub id (org/name, optionally
+@revision), a local folder, an fsspec URI (s3://...) or an MLflow registry model (models:/name@alias).
+A recipe without `stages` is the classic chain (sections data, pretrain, sft, reward, align, evaluate),
+expanded into the same graph (`expand_chain`): the recipes of earlier versions keep working.
+
+`--set a.b=value` overrides any field (the value is read as YAML, so `--set align.beta=0.2` gives a float);
+in a graph recipe `--set sft.training.epochs=2` is short for `--set stages.sft.training.epochs=2`.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
-from tasks.align import AlignConfig
-from tasks.data import DataConfig
-from tasks.evaluate import EvaluateConfig
-from tasks.pretrain import PretrainConfig
-from tasks.reward import RewardStageConfig
-from tasks.sft import SFTStageConfig
+from tasks.kinds import StageKind, kinds
 from tasks.store import state_home
 from tasks.training import Section
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+CHAIN_SECTIONS = ("data", "pretrain", "sft", "reward", "align", "evaluate")
 
 
 class ConfigError(ValueError):
@@ -32,8 +40,8 @@ class ConfigError(ValueError):
 class ModelConfig(Section):
     base: str | None = Field(
         None,
-        description="Base model when pretrain is disabled: Hub id (org/name), local save_pretrained folder "
-        "or fsspec URI (s3://bucket/model).",
+        description="Chain recipes: the base model when pretrain is disabled: Hub id (org/name), local "
+        "save_pretrained folder or fsspec URI (s3://bucket/model). Graph recipes name models as inputs.",
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the model's repository to run.")
 
@@ -56,9 +64,6 @@ class TrackingConfig(Section):
     )
 
 
-STAGES = ("prepare_data", "pretrain", "sft", "reward", "align", "evaluate")
-
-
 class OrchestrationConfig(Section):
     retries: int = Field(3, ge=0, description="Retries of a stage that failed with a transient error (I/O, network, "
                          "HTTP 5xx, timeouts); bad config or data fail at once.")
@@ -68,46 +73,86 @@ class OrchestrationConfig(Section):
     )
     stage_pools: dict[str, str] = Field(
         default_factory=dict,
-        description="Send a stage to another Prefect work pool, e.g. {sft: k8s-gpu, evaluate: cpu}: the stage "
-        "runs as a flow run of the deployment posttrain-stage/<pool> (created by `posttrain deploy`). Stages "
-        "not listed run inside the pipeline's own process. Needs a shared storage.root (S3) and tracking.uri.",
+        description="Send a stage instance to another Prefect work pool, e.g. {sft: k8s-gpu, evaluate: cpu}: it "
+        "runs as a flow run of the deployment posttrain-stage/<pool> (created by `posttrain deploy`), and "
+        "independent instances on pools run concurrently. Instances not listed run inside the pipeline's own "
+        "process, one at a time. Needs a shared storage.root (S3) and tracking.uri.",
     )
 
-    @field_validator("stage_pools")
-    @classmethod
-    def _known_stages(cls, pools: dict[str, str]) -> dict[str, str]:
-        unknown = set(pools) - set(STAGES)
-        if unknown:
-            raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
-        return pools
+
+def _instance_model(kind: StageKind) -> type[Section]:
+    """A recipe instance of `kind`: the kind's typed settings plus kind, inputs and rounds."""
+    return create_model(
+        f"{kind.config.__name__.removesuffix('Config')}Instance",
+        __base__=kind.config,
+        __doc__=kind.description,
+        kind=(Literal[kind.name], Field(description=f"Stage kind {kind.name}: {kind.description}")),
+        inputs=(dict[str, str], Field(
+            default_factory=dict,
+            description="Inputs by slot: another instance's name, or a model (Hub id org/name[@revision], local "
+            "path, s3:// URI, models:/name@alias). Slots: " + (", ".join(
+                f"{n} ({s.type}{'' if s.required else ', optional'})" for n, s in kind.inputs.items()) or "none")
+            + (f"; any other name: a {kind.more_inputs.type}" if kind.more_inputs else "") + ".")),
+        rounds=(int, Field(1, ge=1, description="Repeat this stage: round k starts from round k-1's output; later "
+                           "stages read the last round. Raising it reuses the rounds already done.")),
+    )
+
+
+INSTANCE_MODELS = {name: _instance_model(kind) for name, kind in kinds().items()}
+StageInstance = Annotated[Union[tuple(INSTANCE_MODELS.values())], Field(discriminator="kind")]
+
+
+def instance_settings(instance: Section) -> dict:
+    """An instance's settings as its kind's config dict (what the stage task receives and keys on)."""
+    return instance.model_dump(mode="json", exclude={"kind", "inputs", "rounds"})
 
 
 class PipelineConfig(Section):
     name: str = Field("posttrain", description="Pipeline name; the MLflow parent run is named after it.")
     seed: int = Field(0, description="Seed for data splits, initialisation, sampling and training order.")
-    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model loading.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Where artifacts are kept.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
-    data: DataConfig = Field(default_factory=DataConfig, description="Data sets and their preparation.")
-    pretrain: PretrainConfig = Field(
-        default_factory=lambda: PretrainConfig(enabled=False),
-        description="Optional from-scratch base model (the demo's; real recipes use model.base).",
+    stages: dict[str, StageInstance] = Field(
+        description="Stage instances by name, in any order: each has a kind, its settings and its inputs."
     )
-    sft: SFTStageConfig = Field(default_factory=SFTStageConfig, description="Supervised fine-tuning.")
-    reward: RewardStageConfig = Field(default_factory=RewardStageConfig, description="Reward modelling.")
-    align: AlignConfig = Field(default_factory=AlignConfig, description="Alignment: DPO or RLHF.")
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluation.")
     orchestration: OrchestrationConfig = Field(
         default_factory=OrchestrationConfig, description="Where stages run (work pools)."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _chain_recipes_expand(cls, tree: Any) -> Any:
+        if isinstance(tree, dict) and "stages" not in tree:
+            return expand_chain(tree)
+        if isinstance(tree, dict):
+            mixed = sorted(set(tree) & set(CHAIN_SECTIONS))
+            if mixed:
+                raise ValueError(f"{', '.join(mixed)}: chain sections cannot be combined with `stages`; "
+                                 "give those stages as instances under `stages`")
+        return tree
+
+    @field_validator("stages")
+    @classmethod
+    def _names_are_safe(cls, stages: dict) -> dict:
+        for name in stages:
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+                raise ValueError(f"{name!r}: a stage name is letters, digits, _ and - only")
+        if not stages:
+            raise ValueError("a recipe names at least one stage")
+        return stages
+
     @model_validator(mode="after")
-    def _base_model_named(self) -> "PipelineConfig":
-        if not self.pretrain.enabled and not self.model.base:
-            raise ValueError("model.base must name a base model when pretrain.enabled is false")
-        for kind in ("sft", "preference", "eval"):
-            if getattr(self.data, kind) is None:
-                raise ValueError(f"data.{kind} is required: the pipeline's stages read it")
+    def _graph_is_sound(self) -> "PipelineConfig":
+        from flows.graph import graph_problems
+
+        problems = graph_problems(self)
+        unknown_pools = sorted(set(self.orchestration.stage_pools) - set(self.stages))
+        if unknown_pools:
+            problems.append(f"orchestration.stage_pools: {', '.join(unknown_pools)} is no stage of this recipe "
+                            f"(stages: {', '.join(self.stages)})")
+        if problems:
+            raise ValueError("\n  ".join(problems))
         return self
 
     def without_credentials(self) -> "PipelineConfig":
@@ -137,6 +182,42 @@ class PipelineConfig(Section):
             deep=True,
         )
 
+    def data_sources(self) -> dict[str, Any]:
+        """Every external data source the recipe reads, as {instance.kind: DatasetSource}."""
+        return {f"{name}.{kind}": src for name, inst in self.stages.items() if inst.kind == "prepare_data"
+                for kind, src in inst.sources().items()}
+
+
+def expand_chain(tree: dict) -> dict:
+    """A classic chain recipe (data -> [pretrain] -> sft -> reward -> align -> evaluate) as stage instances,
+    named after their sections so that summaries, pools and fault points keep their names."""
+    tree = dict(tree)
+    section = lambda name: dict(tree.pop(name, None) or {})  # noqa: E731
+    data, pretrain, sft, reward, align, evaluate = (section(n) for n in CHAIN_SECTIONS)
+    use_pretrain = pretrain.pop("enabled", False)
+    if use_pretrain:
+        base = "pretrain"
+    else:
+        base = (tree.get("model") or {}).get("base")
+        if not base:
+            raise ValueError("model.base must name a base model when pretrain.enabled is false")
+    method = align.pop("method", "dpo")
+    if method not in ("dpo", "rlhf"):
+        raise ValueError(f"align.method: {method!r} is not an alignment method of the chain (dpo, rlhf)")
+    method_settings = dict(align.pop(method, None) or {})
+    align.pop("rlhf" if method == "dpo" else "dpo", None)
+    stages = {"prepare_data": {"kind": "prepare_data", **data}}
+    if use_pretrain:
+        stages["pretrain"] = {"kind": "pretrain", **pretrain}
+    stages["sft"] = {"kind": "sft", "inputs": {"data": "prepare_data", "base": base}, **sft}
+    stages["reward"] = {"kind": "reward", "inputs": {"data": "prepare_data", "init": "sft"}, **reward}
+    stages["align"] = {"kind": method, **method_settings, **align,
+                       "inputs": {"data": "prepare_data", "policy": "sft",
+                                  **({"reward": "reward"} if method == "rlhf" else {})}}
+    stages["evaluate"] = {"kind": "evaluate", **evaluate, "inputs": {
+        "data": "prepare_data", "reward": "reward", "base": base, "sft": "sft", "policy": "align"}}
+    return {**tree, "stages": stages}
+
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
@@ -165,17 +246,20 @@ def parse_override(text: str) -> tuple[str, Any]:
 def format_validation_error(err: ValidationError, origin: str) -> str:
     lines = [f"{origin}: {err.error_count()} problem(s) in the configuration"]
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        shown = e["type"] != "missing" and not isinstance(e.get("input"), (dict, list))
+        loc = list(e["loc"])
+        if len(loc) > 2 and loc[0] == "stages" and loc[2] in INSTANCE_MODELS:
+            del loc[2]  # the kind pydantic dispatched on, not a field of the recipe
+        path = ".".join(str(p) for p in loc)
+        shown = e["type"] not in ("missing", "value_error") and not isinstance(e.get("input"), (dict, list))
         got = f" (got {e.get('input')!r})" if shown else ""
-        message = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  {path}: {message}{got}")
+        message = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {path}: {message}{got}" if path else f"  {message}")
     return "\n".join(lines)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> PipelineConfig:
     """Read a YAML recipe (default configs/demo.yaml), apply dotted overrides, validate."""
-    path = Path(path) if path else DEFAULT_RECIPE
+    path = recipe_path(path) if path else DEFAULT_RECIPE
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
@@ -184,10 +268,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Pi
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the recipe must be a mapping of sections")
+    return validate_recipe(tree, overrides, str(path))
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """The recipe tree with `--set` overrides applied (a copy)."""
+    import copy
+
+    tree = copy.deepcopy(tree)
     for item in overrides:
         key, value = parse_override(item)
+        first = key.split(".")[0]
+        if isinstance(tree.get("stages"), dict) and first in tree["stages"] and first not in PipelineConfig.model_fields:
+            key = f"stages.{key}"  # --set sft.training.epochs=2 in a graph recipe
         _set_dotted(tree, key, value)
+    return tree
+
+
+def validate_recipe(tree: dict, overrides: list[str] = (), origin: str = "recipe") -> PipelineConfig:
+    """A recipe tree (plus overrides) as a validated PipelineConfig, or a ConfigError naming every problem."""
     try:
-        return PipelineConfig.model_validate(tree)
+        return PipelineConfig.model_validate(apply_overrides(tree, list(overrides)))
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, str(path))) from None
+        raise ConfigError(format_validation_error(e, origin)) from None
+
+
+def recipe_path(recipe: str | Path) -> Path:
+    """A recipe named by path, or by name relative to the project (configs/demo.yaml)."""
+    path = Path(recipe).expanduser()
+    if not path.is_absolute() and not path.exists():
+        path = DEFAULT_RECIPE.parent.parent / recipe
+    return path

@@ -32,9 +32,12 @@ def ensure_work_pool(name: str, pool_type: str = "process") -> None:
 
 
 def deploy_pipeline(cfg: PipelineConfig, name: str, pool: str, cron: str | None = None,
-                    timezone: str = "UTC", source: Path = PROJECT_DIR, pool_type: str = "process") -> str:
-    """Create or update the deployment `posttrain/<name>` with the recipe as its default parameters, and
-    `posttrain-stage/<pool>` for every pool named in orchestration.stage_pools."""
+                    timezone: str = "UTC", source: Path = PROJECT_DIR, pool_type: str = "process",
+                    recipe: str | None = None, overrides: list[str] = ()) -> str:
+    """Create or update the deployment `posttrain/<name>`, and `posttrain-stage/<pool>` for every pool named
+    in orchestration.stage_pools. The run form leads with what changes per run: the recipe file and dotted
+    overrides (defaults: `recipe` and `overrides`); the full typed recipe is an optional parameter below.
+    A recipe given without a file (`recipe` None) becomes the `config` default."""
     from prefect import flow as prefect_flow
     from prefect.schedules import Cron
 
@@ -51,7 +54,7 @@ def deploy_pipeline(cfg: PipelineConfig, name: str, pool: str, cron: str | None 
         name=name,
         work_pool_name=pool,
         schedules=schedules,
-        parameters={"config": cfg.without_credentials().model_dump(mode="json")},
+        parameters=_default_parameters(cfg, recipe, overrides),
         description=f"posttrain recipe {cfg.name!r}",
         tags=["posttrain"],
         build=False,
@@ -59,3 +62,15 @@ def deploy_pipeline(cfg: PipelineConfig, name: str, pool: str, cron: str | None 
         print_next_steps=False,
     )
     return str(deployment_id)
+
+
+def _default_parameters(cfg: PipelineConfig, recipe: str | None, overrides: list[str]) -> dict:
+    """The run form's defaults, with no credentials in them (Prefect stores and shows parameters)."""
+    from tasks.tracking import strip_credentials
+
+    if recipe is None:
+        return {"config": cfg.without_credentials().model_dump(mode="json")}
+    cfg.without_credentials()  # a password in tracking.uri moves to this process's environment
+    path = Path(recipe).resolve()
+    shown = str(path.relative_to(PROJECT_DIR)) if path.is_relative_to(PROJECT_DIR) else str(path)
+    return {"recipe": shown, "overrides": [strip_credentials(o) for o in overrides]}

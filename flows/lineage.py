@@ -83,8 +83,22 @@ def open_pipeline_run(cfg: PipelineConfig, extra_tags: dict[str, str] | None = N
     tracking.log_dict(uri, run_id, machine, "config/hardware.json")
     env = RunEnv(storage_root=cfg.storage.root, tracking_uri=uri, experiment_id=experiment_id,
                  parent_run_id=run_id, trust_remote_code=cfg.model.trust_remote_code,
-                 log_model_max_mb=cfg.tracking.log_model_max_mb)
+                 log_model_max_mb=cfg.tracking.log_model_max_mb, recipe=cfg.name)
+    _run_logger().info("MLflow parent run %s", tracking.run_link(uri, experiment_id, run_id))
     return env.to_dict()
+
+
+def _run_logger():
+    """The Prefect flow run's logger (its lines show in the UI), or the posttrain logger outside a run."""
+    import logging
+
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("posttrain")
 
 
 def _version(name: str) -> str:
@@ -97,12 +111,23 @@ def _version(name: str) -> str:
 
 
 def summary_metrics(stages: list[dict]) -> dict[str, float]:
-    """Every stage's metrics under the stage's name; evaluate's are already named base/, sft/, policy/."""
+    """Every stage's metrics under the stage's name; a recipe's one evaluation keeps its own names
+    (base/..., sft/..., policy/...), as do all of them when there is only one."""
+    evaluations = [s for s in stages if s.get("kind") == "evaluate"]
     merged = {}
     for stage in stages:
+        plain = len(evaluations) == 1 and stage.get("kind") == "evaluate"
         for key, value in stage["metrics"].items():
-            merged[key if stage["name"] == "evaluate" else f"{stage['name']}/{key}"] = value
+            merged[key if plain else f"{stage['name']}/{key}"] = value
     return merged
+
+
+def headline(stage: dict) -> dict[str, float]:
+    """A stage's headline metrics, as its kind declares them."""
+    from tasks.kinds import kinds
+
+    kind = kinds().get(stage.get("kind") or stage["name"])
+    return kind.headline_metrics(stage["metrics"]) if kind else {}
 
 
 def close_pipeline_run(cfg: PipelineConfig, env: dict, stages: list[dict], error: BaseException | None) -> dict:
@@ -127,20 +152,31 @@ def close_pipeline_run(cfg: PipelineConfig, env: dict, stages: list[dict], error
 
 
 def publish_prefect_summary(summary: dict) -> None:
-    """A table of stages and a markdown report with links, shown on the flow run's Artifacts tab."""
+    """A table of stages (each with its headline metrics) and a markdown report linking each stage to its
+    MLflow run, shown on the flow run's Artifacts tab."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    rows = [{"stage": s["name"], "status": s["status"], "seconds": s["seconds"],
-             "mlflow_run": s["mlflow_run_id"], "output": s["output_uri"],
-             **{k: round(v, 4) for k, v in list(s["metrics"].items())[:6]}} for s in summary["stages"]]
-    create_table_artifact(key="posttrain-stages", table=rows, description="Stages, cache status and metrics")
-    base = tracking.strip_credentials(summary["tracking_uri"])
-    link = (lambda r: f"[{r}]({base.rstrip('/')}/#/experiments/{summary['experiment_id']}/runs/{r})") if base.startswith("http") else str
-    lines = ["# posttrain run", "", f"MLflow parent run: {link(summary['mlflow_run_id'])}", "",
-             "| stage | status | seconds | MLflow run | output |", "|---|---|---|---|---|"]
+    rows = [{"stage": s["name"], "kind": s.get("kind", ""), "status": s["status"], "seconds": s["seconds"],
+             "headline": ", ".join(f"{k}={v:.4g}" for k, v in headline(s).items()) or s.get("error", "")[:200],
+             "mlflow_run": s["mlflow_run_id"] or "", "output": s["output_uri"] or ""} for s in summary["stages"]]
+    create_table_artifact(key="posttrain-stages", table=rows, description="Stages, cache status and headline metrics")
+    uri, experiment = summary["tracking_uri"], summary["experiment_id"]
+    http = uri.startswith(("http://", "https://"))
+
+    def link(run_id: str | None) -> str:
+        if not run_id:
+            return "-"
+        return f"[{run_id[:12]}]({tracking.run_link(uri, experiment, run_id)})" if http else f"`{run_id}`"
+
+    lines = ["# posttrain run", "", f"MLflow parent run: {link(summary['mlflow_run_id'])}", ""]
+    if not http:
+        lines += [f"Open MLflow: `mlflow ui --backend-store-uri {uri}` (then http://127.0.0.1:5000)", ""]
+    lines += ["| stage | kind | status | seconds | headline metrics | MLflow run | output |",
+              "|---|---|---|---|---|---|---|"]
     for s in summary["stages"]:
-        lines.append(f"| {s['name']} | {s['status']} | {s['seconds']:.1f} | "
-                     f"{link(s['mlflow_run_id']) if s['mlflow_run_id'] else '-'} | {s['output_uri'] or '-'} |")
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in headline(s).items()) or s.get("error", "")[:200]
+        lines.append(f"| {s['name']} | {s.get('kind', '')} | {s['status']} | {s['seconds']:.1f} | {shown} | "
+                     f"{link(s['mlflow_run_id'])} | {s['output_uri'] or '-'} |")
     lines += ["", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4g} |" for k, v in sorted(summary["metrics"].items())]
     create_markdown_artifact(key="posttrain-report", markdown="\n".join(lines), description="posttrain run report")

@@ -1,26 +1,24 @@
-"""The post-training flow: data -> (pretrain) -> SFT -> reward model -> alignment -> evaluation.
+"""The post-training flow: the recipe's stage graph, each stage instance a run of the one stage task.
 
-Orchestration only. Each stage is a cached Prefect task from tasks/; stages hand each other
-references (URI + digest). A stage that comes from cache still gets its MLflow child run.
+Orchestration only. Stages hand each other references (URI + digest); a stage that comes from cache
+still gets its MLflow child run. Instances sent to work pools run concurrently when independent;
+instances in this process run one at a time, so results are the same either way.
 """
 
 from __future__ import annotations
 
+import contextvars
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from prefect import flow, get_run_logger
 
-from flows.config import PipelineConfig, load_config
+from flows.config import PipelineConfig, load_config, validate_recipe
+from flows.graph import Node, build_nodes, downstream_of, node_names
 from flows.lineage import close_pipeline_run, open_pipeline_run
-from tasks.align import align_task
-from tasks.data import prepare_data_task, source_refs
-from tasks.evaluate import evaluate_task
-from tasks.modeling import resolve_base_model
-from tasks.pretrain import pretrain_task
-from tasks.reward import reward_task
-from tasks.sft import sft_task
-from tasks.stage import cache_key_for, record_cached_stage
+from tasks.stage import cache_key_for, record_cached_stage, round_seconds, stage_task, store_area
 from tasks.store import ArtifactStore, Ref
 
 
@@ -32,54 +30,129 @@ class PipelineFailed(RuntimeError):
         self.summary = summary
 
 
-class _Runner:
-    """Runs stage tasks in order, keeping the per-stage outcomes for the summary."""
+class NotInStore(RuntimeError):
+    """A stage left out of the selection has no stored output for its current settings and inputs."""
 
-    def __init__(self, cfg: PipelineConfig, env: dict):
-        self.cfg, self.env = cfg, env
+
+def node_inputs(cfg: PipelineConfig, node: Node, outputs: dict[str, dict]) -> dict[str, dict]:
+    """The stage's inputs as references: upstream outputs, external models, the sources it reads."""
+    from tasks.modeling import resolve_model
+
+    inputs = {slot: outputs[up] for slot, up in node.stage_inputs.items()}
+    inputs |= {slot: resolve_model(ref, cfg.tracking.uri) for slot, ref in node.model_inputs.items()}
+    if node.kind.source_inputs:
+        inputs |= node.kind.source_inputs(cfg.stages[node.instance])
+    return inputs
+
+
+def stage_parameters(cfg: PipelineConfig, node: Node, inputs: dict, env: dict, refresh: bool = False) -> dict:
+    return dict(kind=node.kind.name, instance=node.name, config=node.settings, inputs=inputs, seed=cfg.seed,
+                env=env, round=node.round, refresh=refresh)
+
+
+def selection(nodes: list[Node], only: list[str] = (), start_from: list[str] = ()) -> set[str]:
+    """Node names to run: all; or --only instances; or --from instances and everything downstream of them."""
+    if not only and not start_from:
+        return {n.name for n in nodes}
+    chosen: set[str] = set()
+    for name in only:
+        chosen |= node_names(nodes, name)
+    for name in start_from:
+        chosen |= downstream_of(nodes, node_names(nodes, name))
+    return chosen
+
+
+def run_graph(nodes: list[Node], run_node: Callable[[Node, dict[str, dict]], dict],
+              concurrent: Callable[[Node], bool] = lambda node: False) -> dict[str, dict]:
+    """Run every node once its inputs are done; returns {node name: output}. Nodes for which `concurrent`
+    is true (work-pool stages) overlap with each other and with one local node; local nodes run one at a
+    time. On a failure no further node starts; the first error is raised once running nodes finish."""
+    outputs: dict[str, dict] = {}
+    if not any(concurrent(n) for n in nodes):
+        for node in nodes:
+            outputs[node.name] = run_node(node, outputs)
+        return outputs
+    local = threading.Lock()
+    failed = threading.Event()
+    errors: list[BaseException] = []
+    done = {n.name: threading.Event() for n in nodes}
+
+    def run(node: Node) -> None:
+        try:
+            for up in node.upstream:
+                done[up].wait()
+            if failed.is_set():
+                return
+            if concurrent(node):
+                outputs[node.name] = run_node(node, outputs)
+            else:
+                with local:
+                    outputs[node.name] = run_node(node, outputs)
+        except BaseException as exc:
+            errors.append(exc)
+            failed.set()
+        finally:
+            done[node.name].set()
+
+    with ThreadPoolExecutor(max_workers=len(nodes), thread_name_prefix="posttrain-stage") as pool:
+        for node in nodes:  # each thread sees the flow run's context, so its task runs belong to this flow run
+            pool.submit(contextvars.copy_context().run, run, node)
+    if errors:
+        raise errors[0]
+    return outputs
+
+
+class _Runner:
+    """Runs stage instances, keeping the per-stage outcomes for the summary."""
+
+    def __init__(self, cfg: PipelineConfig, env: dict, selected: set[str], refresh: set[str]):
+        self.cfg, self.env, self.selected, self.refresh = cfg, env, selected, refresh
         self.store = ArtifactStore(cfg.storage.root)
         self.outcomes: list[dict] = []
         self.result_storage = _result_storage(cfg.storage.root)
 
-    def __call__(self, task, config, inputs: dict[str, dict] | Callable[[], dict[str, dict]]) -> dict:
-        if callable(inputs):  # resolving inputs reads them (data fingerprints): a failure is the stage's
-            try:
-                inputs = inputs()
-            except Exception as exc:
-                self._failed(task.name, 0.0, f"{type(exc).__name__}: {exc}")
-        params = dict(config=config.model_dump(mode="json"), inputs=inputs, seed=self.cfg.seed, env=self.env)
+    def __call__(self, node: Node, outputs: dict[str, dict]) -> dict:
         started = time.monotonic()
-        pool = self.cfg.orchestration.stage_pools.get(task.name)
-        if pool:
-            result, cached = self._run_on_pool(task.name, pool, params, started)
+        try:  # resolving inputs reads them (data fingerprints, model folders): a failure is the stage's
+            inputs = node_inputs(self.cfg, node, outputs)
+        except Exception as exc:
+            self._failed(node, time.monotonic() - started, f"{type(exc).__name__}: {exc}")
+        params = stage_parameters(self.cfg, node, inputs, self.env, refresh=node.name in self.refresh)
+        if node.name not in self.selected:
+            result, cached = self._from_store(node, params, started), True
+        elif pool := self.cfg.orchestration.stage_pools.get(node.instance):
+            result, cached = self._run_on_pool(node, pool, params, started)
         else:
-            result, cached = self._run_here(task, params, started)
+            result, cached = self._run_here(node, params, started)
         seconds = time.monotonic() - started
-        run_id = record_cached_stage(result, self.env) if cached else result["mlflow_run_id"]
+        run_id = record_cached_stage(result, node.name, self.env) if cached else result["mlflow_run_id"]
         self.outcomes.append({
-            "name": task.name,
+            "name": node.name,
+            "kind": node.kind.name,
+            "instance": node.instance,
+            "round": node.round,
             "status": "cached" if cached or result.get("reused") else "completed",
             "cache_key": result["cache_key"],
             "output_uri": result["output"]["uri"],
             "output_digest": result["output"]["digest"],
             "mlflow_run_id": run_id,
-            "seconds": round(seconds, 3),
+            "seconds": round_seconds(seconds),
             "metrics": result["metrics"],
         })
         return result["output"]
 
-
-    def _run_here(self, task, params: dict, started: float) -> tuple[dict, bool]:
+    def _run_here(self, node: Node, params: dict, started: float) -> tuple[dict, bool]:
         o = self.cfg.orchestration
-        task = task.with_options(result_storage=self.result_storage, retries=o.retries,
-                                 retry_delay_seconds=o.retry_delay_seconds or 0)
+        task = stage_task().with_options(
+            name=node.kind.name, task_run_name=node.name, result_storage=self.result_storage, retries=o.retries,
+            retry_delay_seconds=o.retry_delay_seconds or 0, refresh_cache=params["refresh"] or None)
         state = task(**params, return_state=True)
         cached = state.name == "Cached"
-        if cached and self._unusable(task.name, Ref.from_dict(state.result()["output"])):
+        if cached and self._unusable(node.name, Ref.from_dict(state.result()["output"])):
             state = task.with_options(refresh_cache=True)(**params, return_state=True)
             cached = False
         if state.is_failed():
-            self._failed(task.name, time.monotonic() - started, _error_text(state))
+            self._failed(node, time.monotonic() - started, _error_text(state))
         return state.result(), cached
 
     def _unusable(self, stage: str, ref: Ref) -> bool:
@@ -94,7 +167,26 @@ class _Runner:
             get_run_logger().warning("%s: cached output unusable (%s); recomputing", stage, problem)
         return True
 
-    def _run_on_pool(self, stage: str, pool: str, params: dict, started: float) -> tuple[dict, bool]:
+    def _stored_result(self, node: Node, params: dict) -> dict | None:
+        key = cache_key_for(node.kind.name, params)
+        output = self.store.lookup(store_area(key), key)
+        if output is None:
+            return None
+        metadata = self.store.read_manifest(output.uri)["metadata"]
+        return {"name": node.name, "kind": node.kind.name, "cache_key": key, "output": output.to_dict(),
+                "metrics": metadata.get("metrics", {}), "mlflow_run_id": metadata.get("mlflow_run_id"),
+                "reused": False}
+
+    def _from_store(self, node: Node, params: dict, started: float) -> dict:
+        """A stage outside --only/--from whose output a selected stage reads: it must be in the store."""
+        result = self._stored_result(node, params)
+        if result is None:
+            self._failed(node, time.monotonic() - started,
+                         f"not selected, and the store holds no output for its current settings and inputs; "
+                         f"run it first (posttrain run --only {node.instance}) or select it (--from {node.instance})")
+        return result
+
+    def _run_on_pool(self, node: Node, pool: str, params: dict, started: float) -> tuple[dict, bool]:
         """Run the stage as a flow run of posttrain-stage/<pool> and read its output from the shared store."""
         from prefect.deployments import run_deployment
 
@@ -104,24 +196,23 @@ class _Runner:
         # takes its own (run_stage_flow).
         env = {**params["env"], "tracking_uri": strip_credentials(params["env"]["tracking_uri"]),
                "storage_root": strip_credentials(params["env"]["storage_root"])}
-        flow_run = run_deployment(f"posttrain-stage/{pool}", parameters={"stage": stage, **params, "env": env},
-                                  timeout=None)
+        flow_run = run_deployment(f"posttrain-stage/{pool}", parameters={**params, "env": env}, timeout=None,
+                                  flow_run_name=f"{self.cfg.name}-{node.name}")
         if not flow_run.state.is_completed():
-            self._failed(stage, time.monotonic() - started, f"stage flow run {flow_run.id} on work pool {pool!r} "
+            self._failed(node, time.monotonic() - started, f"stage flow run {flow_run.id} on work pool {pool!r} "
                          f"ended {flow_run.state.name}: {flow_run.state.message}")
-        key = cache_key_for(stage, params)
-        output = self.store.lookup(stage, key)
-        if output is None:
-            self._failed(stage, time.monotonic() - started, f"stage flow run {flow_run.id} left no output for {key}")
-        metadata = self.store.read_manifest(output.uri)["metadata"]
-        result = {"name": stage, "cache_key": key, "output": output.to_dict(), "metrics": metadata.get("metrics", {}),
-                  "mlflow_run_id": metadata.get("mlflow_run_id"), "reused": False}
+        result = self._stored_result(node, params)
+        if result is None:
+            self._failed(node, time.monotonic() - started, f"stage flow run {flow_run.id} left no output for "
+                         f"{cache_key_for(node.kind.name, params)}")
         return result, _task_was_cached(flow_run.id)
 
-    def _failed(self, name: str, seconds: float, error: str):
-        self.outcomes.append({"name": name, "status": "failed", "cache_key": None, "output_uri": None,
-                              "mlflow_run_id": None, "seconds": round(seconds, 3), "metrics": {}, "error": error})
-        raise PipelineFailed(f"stage {name} failed: {error}", {"stages": self.outcomes})
+    def _failed(self, node: Node, seconds: float, error: str):
+        self.outcomes.append({"name": node.name, "kind": node.kind.name, "instance": node.instance,
+                              "round": node.round, "status": "failed", "cache_key": None, "output_uri": None,
+                              "mlflow_run_id": None, "seconds": round_seconds(seconds), "metrics": {},
+                              "error": error})
+        raise PipelineFailed(f"stage {node.name} failed: {error}", {"stages": self.outcomes})
 
 
 def _task_was_cached(flow_run_id) -> bool:
@@ -160,45 +251,74 @@ def _result_storage(storage_root: str):
     return block
 
 
-STAGE_TASKS = {
-    "prepare_data": prepare_data_task, "pretrain": pretrain_task, "sft": sft_task,
-    "reward": reward_task, "align": align_task, "evaluate": evaluate_task,
-}
-
-
-@flow(name="posttrain-stage")
-def run_stage_flow(stage: str, config: dict, inputs: dict, seed: int, env: dict) -> None:
-    """One stage on another work pool (orchestration.stage_pools): the same cached task, the same store.
-    Credentials come from this worker's environment, not from the parameters."""
+@flow(name="posttrain-stage", flow_run_name="{instance}")
+def run_stage_flow(kind: str, instance: str, config: dict, inputs: dict, seed: int, env: dict, round: int = 1,
+                   refresh: bool = False) -> None:
+    """One stage instance on another work pool (orchestration.stage_pools): the same cached task, the same
+    store. Credentials come from this worker's environment, not from the parameters."""
     from tasks.tracking import with_local_credentials
 
     env = {**env, "tracking_uri": with_local_credentials(env["tracking_uri"])}
-    task = STAGE_TASKS[stage].with_options(result_storage=_result_storage(env["storage_root"]))
-    task(config=config, inputs=inputs, seed=seed, env=env)
+    task = stage_task().with_options(name=kind, task_run_name=instance,
+                                     result_storage=_result_storage(env["storage_root"]),
+                                     refresh_cache=refresh or None)
+    task(kind=kind, instance=instance, config=config, inputs=inputs, seed=seed, env=env, round=round, refresh=refresh)
+
+
+def recipe_config(recipe: str | None, overrides: list[str], config: PipelineConfig | None) -> PipelineConfig:
+    """The recipe a flow run runs: `config` when given (a full typed recipe), else the recipe file; then the
+    dotted overrides."""
+    if config is not None:
+        return validate_recipe(config.model_dump(mode="json"), overrides, "config") if overrides else config
+    return load_config(recipe, overrides)
 
 
 @flow(name="posttrain")
-def post_training_pipeline(config: PipelineConfig | None = None, run_tags: dict[str, str] | None = None) -> dict:
-    """Run every post-training stage of one recipe (default: configs/demo.yaml); returns the run summary.
-    `run_tags` are added to the MLflow parent run (e.g. what run this reproduces)."""
-    cfg = (config or load_config()).resolved()
+def post_training_pipeline(
+    recipe: str = "configs/demo.yaml",
+    overrides: list[str] | None = None,
+    config: PipelineConfig | None = None,
+    only: list[str] | None = None,
+    start_from: list[str] | None = None,
+    refresh: list[str] | None = None,
+    run_tags: dict[str, str] | None = None,
+) -> dict:
+    """Run a post-training recipe's stage graph; returns the run summary.
+
+    recipe: the recipe file (relative to the project, e.g. configs/demo.yaml).
+    overrides: dotted overrides, e.g. ["align.beta=0.2", "seed=1"].
+    config: a full typed recipe instead of the file (overrides still apply).
+    only / start_from: run just these stage instances / these and everything downstream of them; the
+    stages they read must already be in the store. refresh: recompute these even if cached.
+    run_tags: added to the MLflow parent run (e.g. what run this reproduces)."""
+    cfg = recipe_config(recipe, overrides or [], config).resolved()
+    nodes = build_nodes(cfg)
+    chosen = selection(nodes, only or [], start_from or [])
+    needed = {up for n in nodes if n.name in chosen for up in _ancestors(nodes, n.name)} | chosen
+    nodes = [n for n in nodes if n.name in needed]
+    refreshed = set().union(*(node_names(nodes, name) for name in refresh or []))
     env = open_pipeline_run(cfg, run_tags)
-    run = _Runner(cfg, env)
+    runner = _Runner(cfg, env, chosen, refreshed)
+    pools = cfg.orchestration.stage_pools
     error: BaseException | None = None
     try:
-        data = run(prepare_data_task, cfg.data, lambda: source_refs(cfg.data))
-        if cfg.pretrain.enabled:
-            base = run(pretrain_task, cfg.pretrain, {})
-        else:
-            base = resolve_base_model(cfg.model.base)
-        sft = run(sft_task, cfg.sft, {"data": data, "base": base})
-        reward = run(reward_task, cfg.reward, {"data": data, "init": sft})
-        align_inputs = {"data": data, "sft": sft, **({"reward": reward} if cfg.align.method == "rlhf" else {})}
-        policy = run(align_task, cfg.align, align_inputs)
-        run(evaluate_task, cfg.evaluate, {"data": data, "base": base, "sft": sft, "policy": policy, "reward": reward})
+        run_graph(nodes, runner, concurrent=lambda node: node.instance in pools and node.name in chosen)
     except BaseException as exc:
         error = exc
-    summary = close_pipeline_run(cfg, env, run.outcomes, error)
+    order = {n.name: i for i, n in enumerate(nodes)}
+    runner.outcomes.sort(key=lambda o: order.get(o["name"], len(order)))
+    summary = close_pipeline_run(cfg, env, runner.outcomes, error)
     if error is not None:
         raise PipelineFailed(str(error), summary) from error
     return summary
+
+
+def _ancestors(nodes: list[Node], name: str) -> set[str]:
+    by_name = {n.name: n for n in nodes}
+    found, todo = set(), list(by_name[name].upstream)
+    while todo:
+        up = todo.pop()
+        if up not in found:
+            found.add(up)
+            todo += by_name[up].upstream
+    return found

@@ -1,4 +1,4 @@
-"""Checks run before any compute: the services a recipe names answer, and its base model exists."""
+"""Checks run before any compute: the services a recipe names answer, and the models it names exist."""
 
 from __future__ import annotations
 
@@ -74,15 +74,18 @@ def check_storage(root: str) -> None:
         raise PreflightError(f"storage.root {root}: cannot reach the store ({type(e).__name__}: {e})") from None
 
 
-def check_base_model(cfg: PipelineConfig) -> None:
-    if cfg.pretrain.enabled or not cfg.model.base:
-        return
-    from tasks.modeling import resolve_base_model
+def check_models(cfg: PipelineConfig) -> None:
+    """Every external model a stage reads (Hub id, folder, URI, registry alias) can be found."""
+    from tasks.modeling import resolve_model
 
-    try:
-        resolve_base_model(cfg.model.base)
-    except FileNotFoundError as e:
-        raise PreflightError(str(e)) from None
+    for name, inst in cfg.stages.items():
+        for slot, value in inst.inputs.items():
+            if value in cfg.stages:
+                continue
+            try:
+                resolve_model(value, cfg.tracking.uri)
+            except (FileNotFoundError, ValueError) as e:
+                raise PreflightError(f"stages.{name}.inputs.{slot}: {e}") from None
 
 
 def preflight(cfg: PipelineConfig) -> None:
@@ -90,4 +93,4 @@ def preflight(cfg: PipelineConfig) -> None:
     resolved = cfg.resolved()
     check_tracking(resolved.tracking.uri)
     check_storage(resolved.storage.root)
-    check_base_model(resolved)
+    check_models(resolved)

@@ -103,9 +103,10 @@ def read_recorded(run_id: str, tracking_uri: str, scratch: Path) -> Recorded:
     input_digests = {}
     machines = {"pipeline": hardware.from_tags(tags)}
     for child in children:
-        if child.data.tags.get("posttrain.stage") == "prepare_data":
-            input_digests = {k.removeprefix("posttrain.input."): v.rsplit("@", 1)[-1]
-                             for k, v in child.data.tags.items() if k.startswith("posttrain.input.")}
+        stage = child.data.tags.get("posttrain.stage", "?")
+        if child.data.tags.get("posttrain.kind", stage) == "prepare_data":
+            input_digests |= {f"{stage}.{k.removeprefix('posttrain.input.')}": v.rsplit("@", 1)[-1]
+                              for k, v in child.data.tags.items() if k.startswith("posttrain.input.")}
         if child.data.tags.get("posttrain.cached") == "false":  # a cached stage computed elsewhere, earlier
             machines[child.data.tags.get("posttrain.stage", "?")] = hardware.from_tags(child.data.tags)
     return Recorded(run_id, config, versions, tags, dict(run.data.metrics), stage_digests, input_digests, machines)
@@ -126,11 +127,11 @@ def check_reproducible(rec: Recorded, cfg: PipelineConfig) -> tuple[list[str], l
         if rec.versions.get(name) != version:
             code.append(f"versions: {name} {rec.versions.get(name)} recorded, {version} installed")
     inputs = []
-    for kind, src in cfg.data.sources().items():
-        recorded = rec.input_digests.get(kind)
+    for where, src in cfg.data_sources().items():
+        recorded = rec.input_digests.get(where)
         now = source_fingerprint(src)
         if recorded is None or not now.startswith(recorded):
-            inputs.append(f"input data.{kind} ({src.source}): digest {now[:16]} now, {recorded} recorded")
+            inputs.append(f"input stages.{where} ({src.source}): digest {now[:16]} now, {recorded} recorded")
     return code, inputs
 
 

@@ -1,27 +1,26 @@
-"""Stage cache keys: what a stage's output depends on, and nothing else (no flow-run id)."""
+"""Stage cache keys: what a stage's output depends on, and nothing else (no flow-run id, no instance name).
+
+The code part is derived from imports: the kind's module and every project module it imports,
+directly or inside a function, transitively. Modules that only record or move results (tracking,
+the store, fault points) are left out: editing them does not change what a stage computes.
+"""
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.metadata
-import importlib.util
-from pathlib import Path
 from functools import lru_cache
+from pathlib import Path
 
 from tasks.store import digest_json
 
 ML_LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "tokenizers", "accelerate")
-
-# Modules whose source decides each stage's output. A change to any of them reruns the stage.
-_COMMON = ("tasks.modeling", "tasks.training", "tasks.launch")
-STAGE_CODE = {
-    "pretrain": ("tasks.pretrain", "tasks.synthetic", *_COMMON),
-    "prepare_data": ("tasks.data", "tasks.synthetic"),
-    "sft": ("tasks.sft", *_COMMON),
-    "reward": ("tasks.reward", "tasks.generation", *_COMMON),
-    "align": ("tasks.align", *_COMMON),
-    "evaluate": ("tasks.evaluate", "tasks.generation", *_COMMON),
-}
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_PACKAGES = ("tasks",)
+# Bookkeeping: they record, move or key results; they do not compute them.
+NOT_RESULT_CODE = frozenset({"tasks.tracking", "tasks.store", "tasks.faults", "tasks.hardware", "tasks.cachekeys",
+                             "tasks.kinds", "tasks.stage", "tasks.checkpoints", "tasks.logs"})
 
 
 @lru_cache(maxsize=None)
@@ -35,23 +34,63 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def _module_file(module: str, root: Path) -> Path | None:
+    path = root.joinpath(*module.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_modules(source: str, root: Path) -> set[str]:
+    """Project modules named by the import statements anywhere in `source` (functions included)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from tasks import data` names the module tasks.data; `from tasks.data import x` names tasks.data
+            names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+        else:
+            continue
+        found |= {n for n in names if n.split(".")[0] in PROJECT_PACKAGES and _module_file(n, root)}
+    return found
+
+
+def code_modules(module: str, root: Path = PROJECT_ROOT) -> list[str]:
+    """`module` and the project modules it imports, transitively, less the bookkeeping ones."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        todo += sorted(_imported_modules(_module_file(name, root).read_text(encoding="utf-8"), root) - seen)
+    return sorted(n for n in seen if n == module or n not in NOT_RESULT_CODE)
+
+
+def code_files(module: str, root: Path = PROJECT_ROOT) -> dict[str, str]:
+    """{relative path: sha256} of the code a kind's module runs."""
+    return {_module_file(m, root).relative_to(root).as_posix():
+            hashlib.sha256(_module_file(m, root).read_bytes()).hexdigest() for m in code_modules(module, root)}
+
+
 @lru_cache(maxsize=None)
-def code_digest(stage: str) -> str:
-    h = hashlib.sha256()
-    for module_name in STAGE_CODE[stage]:
-        h.update(module_name.encode())
-        h.update(Path(importlib.util.find_spec(module_name).origin).read_bytes())
-    return h.hexdigest()
+def code_digest(kind: str) -> str:
+    from tasks.kinds import get
+
+    return digest_json(code_files(get(kind).module))
 
 
-def stage_cache_key(stage: str, config: dict, input_digests: dict[str, str], seed: int) -> str:
-    """Hash of the stage name, its config section, its inputs' digests, its code, library versions, seed."""
+def stage_cache_key(kind: str, config: dict, input_digests: dict[str, str], seed: int, round_: int = 1) -> str:
+    """Hash of the kind, its settings, its inputs' digests, its code, library versions, seed and round."""
     payload = {
-        "stage": stage,
+        "stage": kind,
         "config": config,
         "inputs": dict(sorted(input_digests.items())),
-        "code": code_digest(stage),
+        "code": code_digest(kind),
         "libraries": library_versions(),
         "seed": seed,
+        **({"round": round_} if round_ > 1 else {}),
     }
-    return f"{stage}-{digest_json(payload)[:24]}"
+    return f"{kind}-{digest_json(payload)[:24]}"

@@ -52,7 +52,7 @@ class StoreCheckpoints:
     def callback(self):
         from transformers import TrainerCallback
 
-        from tasks.launch import is_main_process
+        from tasks.ranks import is_main_process
 
         outer = self
 

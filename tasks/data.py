@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from tasks.kinds import StageKind
 from tasks.store import digest_json
 from tasks.training import Section
 
@@ -355,11 +356,11 @@ def load_split(data_dir: Path, kind: str, split: str):
     return Dataset.from_list(rows) if rows else None
 
 
-# ---- Prefect task ----------------------------------------------------------------------------
+# ---- stage kind ------------------------------------------------------------------------------
 
 
-def _work(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:
-    metrics = prepare_data(DataConfig(**config), out, ctx.seed)
+def _work(cfg: DataConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
+    metrics = prepare_data(cfg, out, ctx.seed)
     from tasks import tracking
     from tasks.store import sha256_file
 
@@ -375,10 +376,14 @@ def source_refs(cfg: DataConfig) -> dict[str, dict]:
             for kind, src in cfg.sources().items()}
 
 
-def _stage_task():
-    from tasks.stage import stage_task
-
-    return stage_task("prepare_data", _work)
-
-
-prepare_data_task = _stage_task()
+KIND = StageKind(
+    name="prepare_data",
+    description="Read, normalize, validate, deduplicate and split the data sets it names.",
+    config=DataConfig,
+    inputs={},
+    output="data",
+    work=_work,
+    headline=("sft/train_rows", "preference/train_rows", "unpaired/train_rows", "eval/test_rows"),
+    provides=lambda cfg: set(cfg.sources()),
+    source_inputs=source_refs,
+)

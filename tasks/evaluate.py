@@ -1,8 +1,9 @@
-"""`evaluate` stage: base vs SFT vs aligned policy on held-out prompts.
+"""`evaluate` stage: every policy input (base, sft, policy, or any branch) on held-out prompts.
 
-Metrics per model (`base/`, `sft/`, `policy/`): task_accuracy (where a reference answer exists),
-mean_reward (reward-model score), response_tokens. For the policy also: win_rate_vs_sft judged by the
-reward model (ties count half) and kl_to_sft, a Monte-Carlo estimate of KL(policy || sft) from
+Metrics per input name: task_accuracy (where a reference answer exists), mean_reward (reward-model
+score, when a reward model is an input), response_tokens. Every policy other than `base` and the
+reference (default: the input named `sft`) also gets win_rate_vs_<reference>, judged by the reward model
+(ties count half), and kl_to_<reference>, a Monte-Carlo estimate of KL(policy || reference) from
 completions sampled from the policy.
 """
 
@@ -11,9 +12,11 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
+from tasks.kinds import Slot, StageKind
 from tasks.training import Section
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -25,6 +28,14 @@ class EvaluateConfig(Section):
     kl_samples: int = Field(1, ge=0, description="Sampled completions per prompt for the KL estimate (0 = skip).")
     table_rows: int = Field(20, ge=0, description="Sample generations kept in the logged table.")
     batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
+    reference: str | None = Field(
+        "sft", description="The input every other policy (except `base`) is compared against: win rate judged by "
+        "the reward model and KL. Null, or no input of that name: no comparison.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights' dtype for generation and scoring: 'auto' = bfloat16 on a GPU that supports "
+        "it, float32 otherwise.",
+    )
 
 
 def answer_matches(response: str, reference: str) -> bool:
@@ -38,12 +49,13 @@ def answer_matches(response: str, reference: str) -> bool:
     return False
 
 
-def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], reward: Path, out: Path,
+def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], reward: Path | str | None, out: Path,
              seed: int, trust_remote_code: bool = False) -> dict[str, float]:
-    """Generate with each of `models` (base, sft, policy) on data/eval/test.jsonl and score them."""
+    """Generate with each of `models` on data/eval/test.jsonl and score them. One policy is on the device at
+    a time (plus the reward model); each compared policy's samples are scored under the reference at the end."""
     from tasks.data import load_split
     from tasks.generation import generate, reply_logprobs, reward_scores
-    from tasks.modeling import load_causal_lm, load_reward_model, load_tokenizer
+    from tasks.modeling import free, load_causal_lm, load_reward_model, load_tokenizer
     from tasks.training import seed_everything
 
     seed_everything(seed)
@@ -54,41 +66,52 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
         prompts_ds = prompts_ds.select(range(min(cfg.max_prompts, len(prompts_ds))))
     prompts = list(prompts_ds["prompt"])
     references = list(prompts_ds["reference"])
+    reference = cfg.reference if cfg.reference in models else None
+    compared = [name for name in models if reference and name not in (reference, "base")]
 
-    rm_tokenizer = load_tokenizer(reward, trust_remote_code)
-    rm = load_reward_model(reward, trust_remote_code)
-    answers, rewards, metrics = {}, {}, {}
-    loaded = {}
+    if reward is not None:
+        rm_tokenizer = load_tokenizer(reward, trust_remote_code)
+        rm = load_reward_model(reward, trust_remote_code, cfg.dtype, on_device=True)
+    answers, rewards, metrics, samples = {}, {}, {}, {}
+    many = [p for p in prompts for _ in range(cfg.kl_samples)]
     for name, source in models.items():
         tokenizer = load_tokenizer(source, trust_remote_code)
-        model = load_causal_lm(source, trust_remote_code)
-        loaded[name] = (model, tokenizer)
+        model = load_causal_lm(source, trust_remote_code, cfg.dtype, on_device=True)
         answers[name] = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, seed=seed)
-        rewards[name] = reward_scores(rm, rm_tokenizer, prompts, answers[name], cfg.batch_size)
         scored = [answer_matches(a, r) for a, r in zip(answers[name], references) if r is not None]
         if scored:
             metrics[f"{name}/task_accuracy"] = sum(scored) / len(scored)
-        metrics[f"{name}/mean_reward"] = sum(rewards[name]) / len(prompts)
+        if reward is not None:
+            rewards[name] = reward_scores(rm, rm_tokenizer, prompts, answers[name], cfg.batch_size)
+            metrics[f"{name}/mean_reward"] = sum(rewards[name]) / len(prompts)
         lengths = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers[name]]
         metrics[f"{name}/response_tokens"] = sum(lengths) / len(lengths)
+        if name in compared and cfg.kl_samples:
+            sampled = generate(model, tokenizer, many, cfg.max_new_tokens, cfg.batch_size, do_sample=True, seed=seed)
+            samples[name] = (sampled, reply_logprobs(model, tokenizer, many, sampled, cfg.batch_size))
+        free(model)
 
-    if "policy" in models and "sft" in models:
-        wins = [1.0 if p > s else 0.5 if p == s else 0.0 for p, s in zip(rewards["policy"], rewards["sft"])]
-        metrics["policy/win_rate_vs_sft"] = sum(wins) / len(wins)
-        if cfg.kl_samples:
-            (policy, tok), (sft, _) = loaded["policy"], loaded["sft"]
-            many = [p for p in prompts for _ in range(cfg.kl_samples)]
-            sampled = generate(policy, tok, many, cfg.max_new_tokens, cfg.batch_size, do_sample=True, seed=seed)
-            lp_policy = reply_logprobs(policy, tok, many, sampled, cfg.batch_size)
-            lp_sft = reply_logprobs(sft, tok, many, sampled, cfg.batch_size)
-            metrics["policy/kl_to_sft"] = sum(a - b for a, b in zip(lp_policy, lp_sft)) / len(many)
+    for name in compared:
+        if reward is not None:
+            wins = [1.0 if p > s else 0.5 if p == s else 0.0 for p, s in zip(rewards[name], rewards[reference])]
+            metrics[f"{name}/win_rate_vs_{reference}"] = sum(wins) / len(wins)
+    if samples:
+        tokenizer = load_tokenizer(models[reference], trust_remote_code)
+        ref_model = load_causal_lm(models[reference], trust_remote_code, cfg.dtype, on_device=True)
+        for name, (sampled, lp_policy) in samples.items():
+            lp_ref = reply_logprobs(ref_model, tokenizer, many, sampled, cfg.batch_size)
+            metrics[f"{name}/kl_to_{reference}"] = sum(a - b for a, b in zip(lp_policy, lp_ref)) / len(many)
+        free(ref_model)
+    if reward is not None:
+        free(rm)
 
     rows = []
     for i, prompt in enumerate(prompts):
         row = {"prompt": prompt[-1]["content"], "reference": references[i]}
         for name in models:
             row[name] = answers[name][i]
-            row[f"{name}_reward"] = round(rewards[name][i], 4)
+            if reward is not None:
+                row[f"{name}_reward"] = round(rewards[name][i], 4)
         rows.append(row)
     with open(out / "generations.jsonl", "w", encoding="utf-8") as f:
         for row in rows:
@@ -103,30 +126,36 @@ def sample_table(out: Path, rows: int) -> list[dict]:
     return [json.loads(line) for line in lines[:rows]]
 
 
-def _work(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:
+def _work(cfg: EvaluateConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
     from tasks import tracking
 
-    cfg = EvaluateConfig(**config)
-    models = {name: inputs[name] for name in ("base", "sft", "policy") if name in inputs}
-    metrics = evaluate(cfg, inputs["data"], models, inputs["reward"], out, ctx.seed, ctx.trust_remote_code)
+    models = {name: source for name, source in inputs.items() if name not in ("data", "reward")}
+    metrics = evaluate(cfg, inputs["data"], models, inputs.get("reward"), out, ctx.seed, ctx.trust_remote_code)
     rows = sample_table(out, cfg.table_rows)
     tracking.log_table(ctx.env.tracking_uri, ctx.run_id, rows, "samples/generations.json")
     tracking.log_artifacts(ctx.env.tracking_uri, ctx.run_id, out, "evaluation")
-    _publish_samples(rows)
+    _publish_samples(rows, list(models))
     return metrics
 
 
-def _publish_samples(rows: list[dict]) -> None:
+def _publish_samples(rows: list[dict], models: list[str]) -> None:
     from prefect.artifacts import create_table_artifact
 
     create_table_artifact(key="posttrain-sample-generations", table=rows,
-                          description="Sample generations on held-out prompts: base vs SFT vs aligned policy")
+                          description=f"Sample generations on held-out prompts: {' vs '.join(models)}")
 
 
-def _stage_task():
-    from tasks.stage import stage_task
-
-    return stage_task("evaluate", _work)
-
-
-evaluate_task = _stage_task()
+KIND = StageKind(
+    name="evaluate",
+    description="Generate with every policy input on the held-out prompts; task accuracy, reward-model score, "
+    "win rate and KL against the reference input.",
+    config=EvaluateConfig,
+    inputs={
+        "data": Slot("data", "prepared data with held-out eval prompts", data=("eval",)),
+        "reward": Slot("reward", "the reward model that scores replies and judges win rates", required=False),
+    },
+    more_inputs=Slot("policy", "a policy to evaluate (any other input name: base, sft, policy, ...)"),
+    output="report",
+    work=_work,
+    headline=("*/task_accuracy", "*/win_rate_vs_*", "*/kl_to_*"),
+)

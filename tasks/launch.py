@@ -20,19 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tasks.ranks import TRAINER_OUTPUT_ENV, is_main_process
 from tasks.training import TrainingSettings
-
-
-TRAINER_OUTPUT_ENV = "POSTTRAIN_TRAINER_OUTPUT"
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _function(target: str):
-    module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def launch_command(t: TrainingSettings, spec: Path) -> list[str]:
@@ -45,41 +34,84 @@ def launch_command(t: TrainingSettings, spec: Path) -> list[str]:
     return [*torchrun, "-m", "tasks.launch", str(spec)]
 
 
-def run_training(target: str, t: TrainingSettings, config: dict, inputs: dict[str, Any], out: Path, ctx) -> dict:
-    """Call `target(config, inputs, out, ctx)` (a 'module:function'), in t.processes processes."""
+class RankFailed(RuntimeError):
+    """A rank of a multi-process launch failed; the message names the rank and its error."""
+
+
+class TransientRankFailure(RankFailed, ConnectionError):
+    """A rank failed with an error worth retrying (network, I/O, HTTP 5xx): retried like any other."""
+
+
+def _qualified(obj) -> str:
+    return f"{obj.__module__}:{obj.__qualname__}"
+
+
+def run_training(function, t: TrainingSettings, cfg, inputs: dict[str, Any], out: Path, ctx) -> dict:
+    """Call `function(cfg, inputs, out, ctx)` (a module-level function) in t.processes processes."""
     if t.processes <= 1:
-        return _function(target)(config, inputs, out, ctx)
+        return function(cfg, inputs, out, ctx)
     from tasks.stage import RunEnv
 
     with tempfile.TemporaryDirectory(prefix="posttrain-launch-") as scratch:
         spec = Path(scratch) / "spec.json"
         metrics_path = Path(scratch) / "metrics.json"
         spec.write_text(json.dumps({
-            "target": target, "config": config, "inputs": {k: str(v) for k, v in inputs.items()}, "out": str(out),
+            "target": _qualified(function), "config_class": _qualified(type(cfg)),
+            "config": cfg.model_dump(mode="json"), "inputs": {k: str(v) for k, v in inputs.items()}, "out": str(out),
             "seed": ctx.seed, "env": ctx.env.to_dict() if isinstance(ctx.env, RunEnv) else None,
             "run_id": ctx.run_id, "metrics_path": str(metrics_path), "stage": ctx.stage, "cache_key": ctx.cache_key,
-            "trainer_output": str(Path(scratch) / "trainer"),
+            "trainer_output": str(Path(scratch) / "trainer"), "errors": scratch,
         }))
         root = Path(__file__).resolve().parent.parent
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
         result = subprocess.run(launch_command(t, spec), env=env, cwd=root)
         if result.returncode != 0:
-            raise RuntimeError(f"{t.launcher} with {t.processes} processes failed (exit {result.returncode})")
+            raise _launch_failure(t, result.returncode, Path(scratch))
         return json.loads(metrics_path.read_text())
 
 
+def _launch_failure(t: TrainingSettings, code: int, scratch: Path) -> RankFailed:
+    """Which rank failed first and why, from the error file each failing rank writes."""
+    errors = sorted((json.loads(p.read_text()) for p in scratch.glob("rank-*.error.json")), key=lambda e: e["time"])
+    if not errors:
+        return RankFailed(f"{t.launcher} with {t.processes} processes failed (exit {code}); no rank reported an "
+                          "error (killed by a signal, or out of memory?)")
+    first = errors[0]
+    others = f"; ranks {', '.join(str(e['rank']) for e in errors[1:])} failed after it" if len(errors) > 1 else ""
+    cls = TransientRankFailure if first["transient"] else RankFailed
+    return cls(f"rank {first['rank']} of {t.processes} ({t.launcher}) failed: {first['error']}{others}")
+
+
+def _function(target: str):
+    module, _, name = target.partition(":")
+    obj = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def main(spec_path: str) -> None:
-    from tasks.stage import RunEnv, StageContext
+    import time
+
+    from tasks.stage import RunEnv, StageContext, is_transient
 
     spec = json.loads(Path(spec_path).read_text())
-    env = RunEnv(**spec["env"]) if spec["env"] else None
-    ctx = StageContext(seed=spec["seed"], env=env, run_id=spec["run_id"] if is_main_process() else None,
-                       stage=spec["stage"], cache_key=spec["cache_key"])
-    # One trainer folder for all ranks: each rank writes its own RNG state into the same checkpoint.
-    os.environ[TRAINER_OUTPUT_ENV] = spec["trainer_output"]
-    inputs = {k: Path(v) if Path(v).exists() else v for k, v in spec["inputs"].items()}
-    metrics = _function(spec["target"])(spec["config"], inputs, Path(spec["out"]), ctx)
-    ctx.flush()
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        env = RunEnv(**spec["env"]) if spec["env"] else None
+        ctx = StageContext(seed=spec["seed"], env=env, run_id=spec["run_id"] if is_main_process() else None,
+                           stage=spec["stage"], cache_key=spec["cache_key"])
+        # One trainer folder for all ranks: each rank writes its own RNG state into the same checkpoint.
+        os.environ[TRAINER_OUTPUT_ENV] = spec["trainer_output"]
+        inputs = {k: Path(v) if Path(v).exists() else v for k, v in spec["inputs"].items()}
+        cfg = _function(spec["config_class"]).model_validate(spec["config"])
+        metrics = _function(spec["target"])(cfg, inputs, Path(spec["out"]), ctx)
+        ctx.flush()
+    except BaseException as exc:
+        (Path(spec["errors"]) / f"rank-{rank}.error.json").write_text(json.dumps({
+            "rank": rank, "time": time.time(), "error": f"{type(exc).__name__}: {exc}", "transient": is_transient(exc),
+        }))
+        raise
     if is_main_process():
         Path(spec["metrics_path"]).write_text(json.dumps(metrics))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 CHAT_TEMPLATE = (
@@ -48,29 +49,69 @@ def load_tokenizer(source: str | Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_causal_lm(source: str | Path, trust_remote_code: bool = False, dtype: str = "float32"):
+def accelerator() -> str:
+    """Where inference runs: the first CUDA GPU, Apple's MPS, else the CPU."""
     import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def inference_dtype(dtype: str = "auto"):
+    """'auto': bfloat16 on a GPU that supports it, else float32 (CPU kernels are fastest and exact in fp32)."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, dtype)
+
+
+def _place(model, on_device: bool):
+    return model.to(accelerator()) if on_device else model
+
+
+def load_causal_lm(source: str | Path, trust_remote_code: bool = False, dtype: str = "float32",
+                   on_device: bool = False):
+    """A causal LM; with on_device, on the accelerator (training leaves placement to the Trainer)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        str(source), trust_remote_code=trust_remote_code, use_safetensors=True, dtype=getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(source), trust_remote_code=trust_remote_code, use_safetensors=True, dtype=inference_dtype(dtype)
     )
+    return _place(model, on_device)
 
 
-def load_reward_model(source: str | Path, trust_remote_code: bool = False, dtype: str = "float32"):
-    import torch
+def load_reward_model(source: str | Path, trust_remote_code: bool = False, dtype: str = "float32",
+                      on_device: bool = False):
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(
+    model = AutoModelForSequenceClassification.from_pretrained(
         str(source), num_labels=1, trust_remote_code=trust_remote_code, use_safetensors=True,
-        dtype=getattr(torch, dtype),
+        dtype=inference_dtype(dtype),
     )
+    return _place(model, on_device)
+
+
+def free(model) -> None:
+    """Release a model's memory before the next one is loaded (GPU memory is not returned by `del` alone)."""
+    import gc
+
+    import torch
+
+    model.to("meta")  # drops the weights' storage even while a caller still holds the object
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def save_model(model, tokenizer, out: Path) -> None:
     """save_pretrained both, in safetensors; a PEFT model is merged first so later stages load plain weights.
     Under multi-process training only rank 0 writes."""
-    from tasks.launch import is_main_process
+    from tasks.ranks import is_main_process
 
     if not is_main_process():
         return
@@ -82,48 +123,111 @@ def save_model(model, tokenizer, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def resolve_base_model(base: str) -> dict:
-    """A reference to a base model named by a recipe: a local folder, an fsspec URI or a Hub id.
+MODEL_REFERENCE_HELP = "Hub id org/name[@revision], local folder, fsspec URI (s3://...), or models:/name@alias"
 
-    The digest covers the weights for folders and URIs (ETags for object stores). A Hub id is keyed by
-    its name only: download a snapshot to a folder for a cache key that follows the weights.
-    """
+
+def is_model_reference(text: str) -> bool:
+    """Whether a recipe input names a model rather than a stage (stage names have no '/', ':' or '.')."""
+    return (text.startswith("models:/") or "://" in text or text.startswith((".", "/", "~")) or "/" in text
+            or Path(text).expanduser().exists())
+
+
+def resolve_model(reference: str, tracking_uri: str | None = None) -> dict:
+    """A model named by a recipe as a stage input {uri, digest, kind: model[, revision]}.
+
+    The digest follows the weights for folders and URIs (ETags for object stores) and the registered
+    version for models:/ references; a Hub id is keyed by its name and revision (pin a revision, or
+    download a snapshot to a folder, for a cache key that follows the weights)."""
     import fsspec
 
     from tasks.store import content_digest, digest_json, directory_manifest
 
-    if "://" in base:
-        fs, path = fsspec.core.url_to_fs(base)
+    if reference.startswith("models:/"):
+        return _resolve_registered(reference, tracking_uri)
+    if "://" in reference:
+        fs, path = fsspec.core.url_to_fs(reference)
         listing = fs.find(path, detail=True)
         if not listing:
-            raise FileNotFoundError(f"model.base: nothing found at {base}")
+            raise FileNotFoundError(f"model {reference}: nothing found there")
         files = {name: {"sha256": str(meta.get("ETag") or meta.get("etag") or meta.get("mtime")),
                         "size": meta.get("size")} for name, meta in sorted(listing.items())}
-        return {"uri": base, "digest": content_digest(files), "kind": "model"}
-    local = Path(base).expanduser()
+        return {"uri": reference, "digest": content_digest(files), "kind": "model"}
+    local = Path(reference).expanduser()
     if local.exists():
         if not (local / "config.json").exists():
-            raise FileNotFoundError(f"model.base: {local} has no config.json; is it a save_pretrained folder?")
+            raise FileNotFoundError(f"model {local}: no config.json; is it a save_pretrained folder?")
         return {"uri": str(local.resolve()), "digest": content_digest(directory_manifest(local)), "kind": "model"}
-    if base.startswith((".", "/", "~")) or base.count("/") > 1:
-        raise FileNotFoundError(f"model.base: {base} does not exist (and is not a Hub id like org/name)")
-    return {"uri": base, "digest": digest_json({"hub": base}), "kind": "model"}
+    repo, _, revision = reference.partition("@")
+    if reference.startswith((".", "/", "~")) or repo.count("/") != 1 or not all(repo.split("/")):
+        raise FileNotFoundError(f"model {reference}: no such folder, and not a Hub id ({MODEL_REFERENCE_HELP})")
+    if revision:
+        return {"uri": repo, "revision": revision, "digest": digest_json({"hub": repo, "revision": revision}),
+                "kind": "model"}
+    return {"uri": repo, "digest": digest_json({"hub": repo}), "kind": "model"}
 
 
-def materialize_external(ref) -> Path | str:
-    """A base model outside the artifact store as something from_pretrained accepts."""
+def resolve_base_model(base: str) -> dict:
+    return resolve_model(base)
+
+
+def _resolve_registered(reference: str, tracking_uri: str | None) -> dict:
+    """models:/name@alias or models:/name/version in the MLflow model registry, pinned to its version."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks import tracking
+    from tasks.store import digest_json
+
+    spec = reference.removeprefix("models:/")
+    name, at, alias = spec.partition("@")
+    if not at:
+        name, _, version = spec.rpartition("/")
+    if not name or not (alias if at else version):
+        raise ValueError(f"model {reference}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    client = tracking.client(tracking_uri)
+    try:
+        found = client.get_model_version_by_alias(name, alias) if at else client.get_model_version(name, version)
+    except MlflowException as e:
+        raise FileNotFoundError(f"model {reference}: not in the MLflow model registry ({e.message})") from None
+    pinned = f"models:/{name}/{found.version}"
+    return {"uri": pinned, "digest": digest_json({"registry": name, "version": str(found.version),
+                                                  "source": found.source, "run_id": found.run_id or ""}),
+            "kind": "model", "registered_as": reference}
+
+
+def materialize_external(raw: dict, tracking_uri: str | None = None) -> Path | str:
+    """A model outside the artifact store as something from_pretrained accepts: a local folder (downloaded
+    once into the state folder's cache for URIs, registry versions and pinned Hub revisions) or a Hub id."""
     from tasks.store import state_home
 
-    if "://" in ref.uri:
+    uri, digest = raw["uri"], raw["digest"]
+    local = state_home() / "cache" / "models" / digest
+    if (local / "config.json").exists():
+        return local
+    if uri.startswith("models:/"):
+        import mlflow.artifacts
+
+        tmp = local.with_name(local.name + ".partial")
+        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp), tracking_uri=tracking_uri,
+                                            registry_uri=tracking_uri)
+        folder = next((p.parent for p in sorted(tmp.rglob("config.json"))), None)
+        if folder is None:
+            raise FileNotFoundError(f"model {uri}: the registered artifacts hold no config.json "
+                                    "(register a save_pretrained folder)")
+        folder.rename(local)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return local
+    if "://" in uri:
         import fsspec
 
-        local = state_home() / "cache" / "models" / ref.digest
-        if not (local / "config.json").exists():
-            fs, path = fsspec.core.url_to_fs(ref.uri)
-            tmp = local.with_name(local.name + ".partial")
-            fs.get(path.rstrip("/") + "/", str(tmp) + "/", recursive=True)
-            tmp.rename(local)
+        fs, path = fsspec.core.url_to_fs(uri)
+        tmp = local.with_name(local.name + ".partial")
+        fs.get(path.rstrip("/") + "/", str(tmp) + "/", recursive=True)
+        tmp.rename(local)
         return local
-    if Path(ref.uri).exists():
-        return Path(ref.uri)
-    return ref.uri
+    if Path(uri).exists():
+        return Path(uri)
+    if raw.get("revision"):
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=uri, revision=raw["revision"]))
+    return uri

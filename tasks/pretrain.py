@@ -10,11 +10,11 @@ from pathlib import Path
 
 from pydantic import Field
 
+from tasks.kinds import StageKind
 from tasks.training import Section, TrainingSettings
 
 
 class PretrainConfig(Section):
-    enabled: bool = Field(True, description="Build the base model here; false means use `model.base` as it is.")
     corpus: str = Field(
         "synthetic:arithmetic/corpus",
         description="Text corpus: a synthetic:... source, or a JSONL/Parquet/CSV path or URI with a `text` column.",
@@ -77,26 +77,35 @@ def pretrain(cfg: PretrainConfig, texts: list[str], out: Path, seed: int, callba
     return metrics
 
 
-def _train(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:
+def _train(cfg: PretrainConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
     from tasks.data import DatasetSource, read_rows
 
-    cfg = PretrainConfig(**config)
     texts = [row["text"] for _, row in read_rows(DatasetSource(source=cfg.corpus)) if row.get("text")]
     if not texts:
         raise ValueError(f"pretrain.corpus: {cfg.corpus} has no rows with a non-empty `text` field")
-    return pretrain(cfg, texts, out, ctx.seed, ctx.callbacks("pretrain"), ctx.checkpoints(cfg.training))
+    return pretrain(cfg, texts, out, ctx.seed, ctx.callbacks(), ctx.checkpoints(cfg.training))
 
 
-def _work(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:
+def _work(cfg: PretrainConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
     from tasks.launch import run_training
 
-    return run_training("tasks.pretrain:_train", PretrainConfig(**config).training, config, inputs, out, ctx)
+    return run_training(_train, cfg.training, cfg, inputs, out, ctx)
 
 
-def _stage_task():
-    from tasks.stage import stage_task
+KIND = StageKind(
+    name="pretrain",
+    description="A tokenizer and a tiny Llama trained from scratch on a text corpus (the demo's base model).",
+    config=PretrainConfig,
+    inputs={},
+    output="policy",
+    work=_work,
+    headline=("train/final_loss",),
+    source_inputs=lambda cfg: _corpus_ref(cfg),
+)
 
-    return stage_task("pretrain", _work)
 
+def _corpus_ref(cfg: PretrainConfig) -> dict[str, dict]:
+    from tasks.data import DatasetSource, source_fingerprint
 
-pretrain_task = _stage_task()
+    return {"corpus": {"uri": cfg.corpus, "digest": source_fingerprint(DatasetSource(source=cfg.corpus)),
+                       "kind": "source"}}

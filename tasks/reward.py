@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from tasks.kinds import Slot, StageKind
 from tasks.training import Section, TrainingSettings
 
 
@@ -69,24 +70,28 @@ def pairwise_accuracy(model, tokenizer, pairs) -> dict[str, float]:
     }
 
 
-def _train(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:
-    return train_reward(RewardStageConfig(**config), inputs["data"], inputs["init"], out, ctx.seed,
-                        ctx.callbacks("reward"), ctx.trust_remote_code,
-                        ctx.checkpoints(RewardStageConfig(**config).training))
+def _train(cfg: RewardStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
+    return train_reward(cfg, inputs["data"], inputs["init"], out, ctx.seed, ctx.callbacks(), ctx.trust_remote_code,
+                        ctx.checkpoints(cfg.training))
 
 
-def _work(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:
+def _work(cfg: RewardStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
     from tasks.launch import run_training
     from tasks.sft import log_training_split
 
     log_training_split(ctx, inputs["data"], "preference")
-    return run_training("tasks.reward:_train", RewardStageConfig(**config).training, config, inputs, out, ctx)
+    return run_training(_train, cfg.training, cfg, inputs, out, ctx)
 
 
-def _stage_task():
-    from tasks.stage import stage_task
-
-    return stage_task("reward", _work)
-
-
-reward_task = _stage_task()
+KIND = StageKind(
+    name="reward",
+    description="A reward model (TRL RewardTrainer) on the preference pairs; reports held-out pairwise accuracy.",
+    config=RewardStageConfig,
+    inputs={
+        "data": Slot("data", "prepared data with preference pairs", data=("preference",)),
+        "init": Slot("policy", "the language model the reward model starts from (its head is new)"),
+    },
+    output="reward",
+    work=_work,
+    headline=("pairwise_accuracy",),
+)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from tasks.kinds import Slot, StageKind
 from tasks.training import Section, TrainingSettings
 
 
@@ -52,16 +53,16 @@ def train_sft(cfg: SFTStageConfig, data: Path, base: Path, out: Path, seed: int,
     return metrics
 
 
-def _train(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:
-    return train_sft(SFTStageConfig(**config), inputs["data"], inputs["base"], out, ctx.seed,
-                     ctx.callbacks("sft"), ctx.trust_remote_code, ctx.checkpoints(SFTStageConfig(**config).training))
+def _train(cfg: SFTStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
+    return train_sft(cfg, inputs["data"], inputs["base"], out, ctx.seed, ctx.callbacks(), ctx.trust_remote_code,
+                     ctx.checkpoints(cfg.training))
 
 
-def _work(config: dict, inputs: dict, out: Path, ctx) -> dict[str, float]:
+def _work(cfg: SFTStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
     from tasks.launch import run_training
 
     log_training_split(ctx, inputs["data"], "sft")
-    return run_training("tasks.sft:_train", SFTStageConfig(**config).training, config, inputs, out, ctx)
+    return run_training(_train, cfg.training, cfg, inputs, out, ctx)
 
 
 def log_training_split(ctx, data: Path, kind: str) -> None:
@@ -73,10 +74,15 @@ def log_training_split(ctx, data: Path, kind: str) -> None:
     tracking.log_dataset(ctx.env.tracking_uri, ctx.run_id, path, f"{kind}-train", sha256_file(path), "training")
 
 
-def _stage_task():
-    from tasks.stage import stage_task
-
-    return stage_task("sft", _work)
-
-
-sft_task = _stage_task()
+KIND = StageKind(
+    name="sft",
+    description="Supervised fine-tuning (TRL SFTTrainer), full or LoRA, on the sft demonstrations.",
+    config=SFTStageConfig,
+    inputs={
+        "data": Slot("data", "prepared data with sft demonstrations", data=("sft",)),
+        "base": Slot("policy", "the model to fine-tune"),
+    },
+    output="policy",
+    work=_work,
+    headline=("train/final_loss", "eval/loss"),
+)

@@ -1,7 +1,8 @@
-"""The part every stage's thin Prefect task shares: cache key, inputs, atomic output, MLflow child run.
+"""The one generic Prefect task every stage runs under: cache key, inputs, atomic output, MLflow child run.
 
-A stage task is `stage_task(name, work)`, where `work(config, inputs, out, ctx) -> metrics` receives
-its inputs as local folders and writes its output into `out`. Everything else is here:
+A stage instance of a recipe runs as `stage_task()(kind=..., instance=..., config=..., inputs=...)`;
+the kind's work function (tasks/kinds.py) receives its typed config, its inputs as local folders, and
+writes its output into `out`. Everything else is here:
 
 * the cache key (tasks.cachekeys) doubles as Prefect's cache key and as the output's folder name, so
   a run with the same key anywhere reuses the output and Prefect shows the task as Cached;
@@ -13,12 +14,13 @@ its inputs as local folders and writes its output into `out`. Everything else is
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import traceback
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
 
 from tasks import tracking
 from tasks.cachekeys import stage_cache_key
@@ -37,6 +39,7 @@ class RunEnv:
     parent_run_id: str
     trust_remote_code: bool = False
     log_model_max_mb: float = 500.0
+    recipe: str = ""
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -49,7 +52,7 @@ class StageContext:
     seed: int
     env: RunEnv | None
     run_id: str | None  # None: nothing is logged (a non-zero rank, or a plain call)
-    stage: str | None = None
+    stage: str | None = None  # the recipe instance (its round: sft, dpo.round2)
     cache_key: str | None = None
     pending: list = field(default_factory=list)  # curve points being logged in the background
 
@@ -75,15 +78,21 @@ class StageContext:
             return None
         from tasks.checkpoints import StoreCheckpoints
 
-        return StoreCheckpoints(ArtifactStore(self.env.storage_root), self.stage, self.cache_key)
+        return StoreCheckpoints(ArtifactStore(self.env.storage_root), store_area(self.cache_key), self.cache_key)
 
-    def callbacks(self, stage: str) -> list:
+    def callbacks(self) -> list:
         from tasks.faults import step_kill_callback
         from tasks.training import metrics_callback
 
+        stage = self.stage or "stage"
         callbacks = [metrics_callback(self.log_step, stage)] if self.run_id else []
         kill = step_kill_callback(stage)
         return callbacks + ([kill] if kill else [])
+
+
+def store_area(cache_key: str) -> str:
+    """Outputs live under <root>/<kind>/<cache key>: any recipe or instance with the same key finds them."""
+    return cache_key.rsplit("-", 1)[0]
 
 
 _PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
@@ -119,25 +128,22 @@ def retry_if_transient(task, task_run, state) -> bool:
         state.result()
     except BaseException as exc:  # the task's exception
         transient = is_transient(exc)
-        logger.warning("[%s] %s: %s (%s)", task.name, type(exc).__name__, exc,
+        logger.warning("[%s] %s: %s (%s)", task_run.name, type(exc).__name__, exc,
                        "transient, retrying" if transient else "not transient, not retrying")
         if transient:
             from tasks.faults import hold_point
 
-            hold_point(f"{task.name}:retry")
+            hold_point(f"{task_run.name}:retry")
         return transient
     return False
 
 
-Work = Callable[[dict, dict[str, Any], Path, StageContext], dict[str, float]]
-
-
-def cache_key_for(stage: str, parameters: dict) -> str:
+def cache_key_for(kind: str, parameters: dict) -> str:
     digests = {name: ref["digest"] for name, ref in parameters["inputs"].items()}
-    return stage_cache_key(stage, parameters["config"], digests, parameters["seed"])
+    return stage_cache_key(kind, parameters["config"], digests, parameters["seed"], parameters.get("round", 1))
 
 
-def materialize_input(store: ArtifactStore, raw: dict) -> Path | str:
+def materialize_input(store: ArtifactStore, raw: dict, tracking_uri: str | None = None) -> Path | str:
     """A stage output from the store as a verified local folder; a data source as its URI; an external
     model as a local folder or Hub id."""
     if raw.get("kind") == "source":
@@ -147,46 +153,62 @@ def materialize_input(store: ArtifactStore, raw: dict) -> Path | str:
         return store.materialize(ref)
     from tasks.modeling import materialize_external
 
-    return materialize_external(ref)
+    return materialize_external(raw, tracking_uri)
 
 
-def execute_stage(stage: str, work: Work, config: dict, inputs: dict[str, dict], seed: int, env: dict) -> dict:
-    """Run one stage: returns {name, cache_key, output, metrics, mlflow_run_id, seconds, reused}."""
+def execute_stage(kind: str, instance: str, config: dict, inputs: dict[str, dict], seed: int, env: dict,
+                  round: int = 1, refresh: bool = False) -> dict:
+    """Run one stage instance: returns {name, kind, cache_key, output, metrics, mlflow_run_id, seconds, reused}.
+    `refresh` recomputes even when the store already holds an output for the key."""
+    from tasks import hardware
+    from tasks.cachekeys import code_files, library_versions
+    from tasks.kinds import get
+
+    stage_kind = get(kind)
+    cfg = stage_kind.config.model_validate(config)  # parsed once; the work function gets the typed config
     run_env = RunEnv(**env)
-    key = cache_key_for(stage, {"config": config, "inputs": inputs, "seed": seed})
+    key = cache_key_for(kind, {"config": config, "inputs": inputs, "seed": seed, "round": round})
+    area = store_area(key)
     store = ArtifactStore(run_env.storage_root)
     refs = {name: Ref.from_dict(r) for name, r in inputs.items()}
-    from tasks import hardware
-
     run_id = tracking.start_run(
-        run_env.tracking_uri, run_env.experiment_id, stage,
-        {tracking.TAG_STAGE: stage, tracking.TAG_CACHE_KEY: key, tracking.TAG_CACHED: "false", "posttrain.seed": seed,
-         **hardware.as_tags(hardware.describe())},
+        run_env.tracking_uri, run_env.experiment_id, instance,
+        {tracking.TAG_STAGE: instance, tracking.TAG_KIND: kind, tracking.TAG_CACHE_KEY: key,
+         tracking.TAG_CACHED: "false", "posttrain.seed": seed, **hardware.as_tags(hardware.describe())},
         parent_run_id=run_env.parent_run_id,
     )
+    logger.info("[%s] MLflow run %s", instance, tracking.run_link(run_env.tracking_uri, run_env.experiment_id, run_id))
     started = time.monotonic()
-    ctx = StageContext(seed=seed, env=run_env, run_id=run_id, stage=stage, cache_key=key)
+    ctx = StageContext(seed=seed, env=run_env, run_id=run_id, stage=instance, cache_key=key)
     try:
         tracking.log_params(run_env.tracking_uri, run_id, tracking.flatten(tracking.redact(config)))
         tracking.set_tags(run_env.tracking_uri, run_id,
                           {f"posttrain.input.{n}": f"{r.uri}@{r.digest[:16]}" for n, r in refs.items()})
-        local = {name: materialize_input(store, raw) for name, raw in inputs.items()}
-        existing = store.lookup(stage, key)
+        local = {name: materialize_input(store, raw, run_env.tracking_uri) for name, raw in inputs.items()}
+        existing = store.lookup(area, key)
+        if existing is not None and refresh:
+            aside = store.quarantine(existing.uri, "recomputed on request (--refresh)")
+            logger.info("[%s] recomputing %s on request; the earlier output's manifest is at %s", instance, key, aside)
+            existing = None
         if existing is not None:
             # Committed by an earlier run whose Prefect result record is gone: reuse, do not retrain.
-            logger.info("[%s] output for %s already in the store; reusing it", stage, key)
+            logger.info("[%s] output for %s already in the store; reusing it", instance, key)
             output, metrics = existing, store.read_manifest(existing.uri)["metadata"].get("metrics", {})
         else:
-            logger.info("[%s] running (cache key %s)", stage, key)
-            with store.write(stage, key) as pending:
-                metrics = work(config, local, pending.path, ctx)
+            logger.info("[%s] running %s (cache key %s)", instance, kind, key)
+            with store.write(area, key) as pending:
+                metrics = stage_kind.work(cfg, local, pending.path, ctx)
                 ctx.flush()
-                pending.metadata = {"metrics": metrics, "mlflow_run_id": run_id, "config": config,
-                                    "inputs": {n: r.to_dict() for n, r in refs.items()}, "seed": seed}
+                pending.metadata = {
+                    "metrics": metrics, "mlflow_run_id": run_id, "config": config, "seed": seed, "round": round,
+                    "inputs": {n: r.to_dict() for n, r in refs.items()}, "kind": kind, "instance": instance,
+                    "recipe": run_env.recipe, "code": code_files(stage_kind.module), "libraries": library_versions(),
+                    "committed_at": time.time(),
+                }
             output = pending.ref
-            discard_checkpoints(store, stage, key)
+            discard_checkpoints(store, area, key)
             if pending.superseded_by is not None:  # a concurrent run with the same key committed first
-                logger.info("[%s] another run committed %s first; using its output", stage, key)
+                logger.info("[%s] another run committed %s first; using its output", instance, key)
                 existing, metrics = output, pending.superseded_by["metadata"].get("metrics", metrics)
         seconds = time.monotonic() - started
         tracking.log_metrics(run_env.tracking_uri, run_id, {**metrics, "stage/seconds": seconds})
@@ -199,30 +221,35 @@ def execute_stage(stage: str, work: Work, config: dict, inputs: dict[str, dict],
         raise
     tracking.end_run(run_env.tracking_uri, run_id)
     return {
-        "name": stage,
+        "name": instance,
+        "kind": kind,
         "cache_key": key,
         "output": output.to_dict(),
         "metrics": metrics,
         "mlflow_run_id": run_id,
-        "seconds": round(seconds, 3),
+        "seconds": round_seconds(seconds),
         "reused": existing is not None,
     }
 
 
-def discard_checkpoints(store: ArtifactStore, stage: str, key: str) -> None:
+def round_seconds(seconds: float) -> float:
+    return float(f"{seconds:.3f}")
+
+
+def discard_checkpoints(store: ArtifactStore, area: str, key: str) -> None:
     """Once a stage's output is committed its resume checkpoints have done their job."""
     from tasks.checkpoints import StoreCheckpoints
 
-    StoreCheckpoints(store, stage, key).prune(keep=0)
+    StoreCheckpoints(store, area, key).prune(keep=0)
 
 
-def record_cached_stage(result: dict, env: dict) -> str:
+def record_cached_stage(result: dict, instance: str, env: dict) -> str:
     """Give a stage that came from cache its child run in this pipeline run, pointing at its origin."""
     run_env = RunEnv(**env)
     run_id = tracking.start_run(
-        run_env.tracking_uri, run_env.experiment_id, result["name"],
-        {tracking.TAG_STAGE: result["name"], tracking.TAG_CACHE_KEY: result["cache_key"],
-         tracking.TAG_CACHED: "true", tracking.TAG_CACHED_FROM: result["mlflow_run_id"],
+        run_env.tracking_uri, run_env.experiment_id, instance,
+        {tracking.TAG_STAGE: instance, tracking.TAG_KIND: result["kind"], tracking.TAG_CACHE_KEY: result["cache_key"],
+         tracking.TAG_CACHED: "true", tracking.TAG_CACHED_FROM: result["mlflow_run_id"] or "",
          "posttrain.output_uri": result["output"]["uri"], "posttrain.output_digest": result["output"]["digest"]},
         parent_run_id=run_env.parent_run_id,
     )
@@ -231,20 +258,36 @@ def record_cached_stage(result: dict, env: dict) -> str:
     return run_id
 
 
-def stage_task(stage: str, work: Work, **task_options):
-    """The thin Prefect task for a stage: cached across runs on the stage's own cache key."""
+@lru_cache(maxsize=None)
+def stage_task():
+    """The Prefect task every stage instance runs as, cached across runs on the stage's cache key; the
+    flow names each task run after its recipe instance (`with_options(task_run_name=...)`)."""
     from prefect import task
 
-    def run(config: dict, inputs: dict[str, dict], seed: int, env: dict) -> dict:
-        return execute_stage(stage, work, config, inputs, seed, env)
+    def run_stage(kind: str, instance: str, config: dict, inputs: dict[str, dict], seed: int, env: dict,
+                  round: int = 1, refresh: bool = False) -> dict:
+        with forward_logs_to_prefect():
+            return execute_stage(kind, instance, config, inputs, seed, env, round, refresh)
 
-    run.__name__ = run.__qualname__ = f"run_{stage}"
     return task(
-        run,
-        name=stage,
-        cache_key_fn=lambda _ctx, parameters: cache_key_for(stage, parameters),
+        run_stage,
+        name="stage",
+        cache_key_fn=lambda _ctx, parameters: cache_key_for(parameters["kind"], parameters),
         retry_condition_fn=retry_if_transient,
         persist_result=True,
         result_serializer="json",
-        **task_options,
     )
+
+
+@contextlib.contextmanager
+def forward_logs_to_prefect():
+    """The stage's progress lines (posttrain logger) also go to the Prefect run's logs, where the UI shows
+    them; the console keeps its one line per step."""
+    from tasks.logs import PrefectRunHandler
+
+    handler = PrefectRunHandler()
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)

@@ -18,6 +18,7 @@ TAG_STAGE = "posttrain.stage"
 TAG_CACHED = "posttrain.cached"
 TAG_CACHED_FROM = "posttrain.cached_from_run"
 TAG_CACHE_KEY = "posttrain.cache_key"
+TAG_KIND = "posttrain.kind"
 
 
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
@@ -53,6 +54,14 @@ def with_local_credentials(uri: str) -> str:
     if local != strip_credentials(local) and strip_credentials(local).rstrip("/") == strip_credentials(uri).rstrip("/"):
         return local
     return uri
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """Where a user opens a run: its page on a tracking server, or the command that serves a local store."""
+    uri = strip_credentials(tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{run_id} (open with: mlflow ui --backend-store-uri {uri})"
 
 
 def client(tracking_uri: str):

@@ -82,7 +82,7 @@ def trainer_kwargs(t: TrainingSettings, scratch: Path, seed: int) -> dict:
         precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
     from transformers import TrainingArguments
 
-    from tasks.launch import TRAINER_OUTPUT_ENV
+    from tasks.ranks import TRAINER_OUTPUT_ENV
 
     # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (TRL still sets the old one).
     checkpointing = ({"activation_checkpointing": t.gradient_checkpointing}
@@ -135,11 +135,14 @@ def metrics_callback(log: Callable[[dict[str, float], int], None], stage: str):
     """A transformers callback that sends each logged step to `log(metrics, step)` and prints progress."""
     from transformers import TrainerCallback
 
+    from tasks.logs import PrefectProgress
+
     class _StepLogger(TrainerCallback):
         replaces_library_printing = True  # see train_with_checkpoints
 
         def __init__(self):
             self.started = time.monotonic()
+            self.progress = PrefectProgress(stage)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             numbers = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
@@ -147,6 +150,9 @@ def metrics_callback(log: Callable[[dict[str, float], int], None], stage: str):
                 log(numbers, state.global_step)
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in list(numbers.items())[:4])
                 logger.info("[%s] step %d/%d %s", stage, state.global_step, state.max_steps, shown)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.progress.update(state.global_step, state.max_steps)
 
     return _StepLogger()
 
@@ -184,4 +190,7 @@ def final_train_metrics(trainer, prefix: str = "train") -> dict[str, float]:
     if history:
         out[f"{prefix}/final_loss"] = float(history[-1]["loss"])
         out[f"{prefix}/first_loss"] = float(history[0]["loss"])
+        for name in ("reward", "kl"):  # online RL (GRPO): the mean reward of the last rollouts, the KL to the start
+            if isinstance(history[-1].get(name), (int, float)):
+                out[f"{prefix}/final_{name}"] = float(history[-1][name])
     return out

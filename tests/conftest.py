@@ -69,7 +69,8 @@ def s3_env(moto_s3, monkeypatch):
 
 
 # The longest groups start first, so the two workers finish together (xdist hands out groups in order).
-_LONGEST_FIRST = ["faults", "e2e/test_learning", "services/test_shared_services", "e2e/test_concurrency"]
+_LONGEST_FIRST = ["faults", "e2e/test_learning", "services/test_shared_services", "e2e/test_graph_runs",
+                  "e2e/test_concurrency"]
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups

@@ -15,6 +15,14 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_stages() -> list[str]:
+    """The tiny recipe's stage instances, in order, as the recipe graph gives them."""
+    from flows.config import load_config
+    from flows.graph import build_nodes
+
+    return [node.name for node in build_nodes(load_config(ROOT / "configs" / "tiny.yaml"))]
 SECRET = "posttrain-test-secret-0451"
 ACCESS_KEY = "posttrain-test-access-key"
 MLFLOW_USER, MLFLOW_PASSWORD = "admin", "posttrain-mlflow-password-7731"

@@ -42,10 +42,10 @@ def prepared(tmp_path_factory):
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
     root = tmp_path_factory.mktemp("prepared")
     (root / "data").mkdir()
-    prepare_data(cfg.data, root / "data", seed=0)
+    prepare_data(cfg.stages["prepare_data"], root / "data", seed=0)
     (root / "base").mkdir()
     texts = [r["text"] for r in synthetic.generate("corpus", corpus_size=400)]
-    pretrain(cfg.pretrain, texts, root / "base", seed=0)
+    pretrain(cfg.stages["pretrain"], texts, root / "base", seed=0)
     return cfg, root
 
 
@@ -59,12 +59,12 @@ def write_data(folder: Path) -> dict[str, Path]:
     return paths
 
 
-def run_cli(home: Path, *overrides: str, config: str = "configs/tiny.yaml") -> tuple[int, dict]:
+def run_cli(home: Path, *overrides: str, config: str = "configs/tiny.yaml", extra=()) -> tuple[int, dict]:
     from flows.cli import main
 
     summary_path = home / "summary.json"
     summary_path.unlink(missing_ok=True)
-    args = ["run", "--config", str(ROOT / config), "--summary-json", str(summary_path)]
+    args = ["run", "--config", str(ROOT / config), "--summary-json", str(summary_path), *extra]
     for item in overrides:
         args += ["--set", item]
     code = main(args)

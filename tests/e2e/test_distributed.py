@@ -8,7 +8,9 @@ that the run really had 2 processes and learned."""
 
 import pytest
 
+from flows.config import instance_settings
 from tasks.launch import run_training
+from tasks.sft import SFTStageConfig, _train
 from tasks.stage import RunEnv, StageContext
 from tasks.store import ArtifactStore
 
@@ -17,12 +19,12 @@ STEPS = 40
 
 
 def _sft(cfg, root, name, processes, batch_size, ctx=None, checkpoint_steps=0):
-    config = cfg.sft.model_copy(deep=True)
+    config = SFTStageConfig.model_validate(instance_settings(cfg.stages["sft"]))
     config.training.processes, config.training.batch_size, config.training.max_steps = processes, batch_size, STEPS
     config.training.checkpoint_steps = checkpoint_steps
     out = root / name
     out.mkdir()
-    metrics = run_training("tasks.sft:_train", config.training, config.model_dump(mode="json"),
+    metrics = run_training(_train, config.training, config,
                            {"data": root / "data", "base": root / "base"}, out,
                            ctx or StageContext(seed=0, env=None, run_id=None))
     return metrics, out
@@ -69,3 +71,24 @@ def test_two_processes_killed_mid_training_resume_from_the_stored_checkpoint(pre
     assert resumed["train/processes"] == 2
     assert resumed["eval/loss"] == uninterrupted["eval/loss"]
     assert (resumed_out / "model.safetensors").read_bytes() == (uninterrupted_out / "model.safetensors").read_bytes()
+
+
+def _fail_on_rank_one(cfg, inputs, out, ctx):
+    import os
+
+    if os.environ["RANK"] == "1":
+        raise (ConnectionError if inputs.get("how") == "network" else ValueError)(f"bad thing on rank 1 ({inputs})")
+    return {}
+
+
+@pytest.mark.parametrize("how", ["value", "network"])
+def test_a_failed_rank_is_named_and_classified(tmp_path, how):
+    from tasks.launch import RankFailed
+    from tasks.stage import is_transient
+
+    config = SFTStageConfig()
+    config.training.processes = 2
+    with pytest.raises(RankFailed, match=r"rank 1 of 2 \(torchrun\) failed: (ValueError|ConnectionError): bad thing") as info:
+        run_training(_fail_on_rank_one, config.training, config, {"how": how}, tmp_path,
+                     StageContext(seed=0, env=None, run_id=None))
+    assert is_transient(info.value) == (how == "network"), "a network error on a rank is retried like any other"

@@ -7,11 +7,12 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from tasks.store import ArtifactStore, Ref
+from tests.servers import tiny_stages
 
 from .conftest import run_cli, write_data
 
 pytestmark = pytest.mark.e2e
-STAGES = ["prepare_data", "pretrain", "sft", "reward", "align", "evaluate"]
+STAGES = tiny_stages()
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +151,7 @@ def _prefect_task_states(flow_run_id):
 
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+    return {r.name: r.state.name for r in runs}
 
 
 def test_changing_beta_reruns_align_and_evaluate_only(first, state_home, data):
@@ -198,3 +199,30 @@ def test_missing_data_file_fails_before_any_training(state_home, data, tmp_path)
     assert code == 1
     assert [(s["name"], s["status"]) for s in summary["stages"]] == [("prepare_data", "failed")]
     assert "gone.jsonl: file not found" in summary["stages"][0]["error"]
+
+
+def test_prefect_ui_shows_stage_logs_progress_and_every_stage_in_the_artifacts(first):
+    """What a user sees in the Prefect UI: each stage's step lines and MLflow run in the flow run's logs,
+    a progress artifact per training stage, every stage's headline metrics in the stages table."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+
+    _, summary = first
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[summary["flow_run_id"]])), limit=200)
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[summary["flow_run_id"]])))
+    messages = [log.message for log in logs]
+    for stage in ("pretrain", "sft", "reward", "align"):
+        assert any(m.startswith(f"[{stage}] step ") for m in messages), stage
+    for stage in _by_name(summary).values():
+        assert any(m.startswith(f"[{stage['name']}] MLflow run {stage['mlflow_run_id']}") for m in messages)
+    by_key = {a.key: a for a in artifacts}
+    for stage in ("pretrain", "sft", "reward", "align"):
+        assert by_key[f"progress-{stage}"].data == 100.0, stage
+    table = json.loads(by_key["posttrain-stages"].data) if isinstance(by_key["posttrain-stages"].data, str) \
+        else by_key["posttrain-stages"].data
+    headlines = {row["stage"]: row["headline"] for row in table}
+    assert "pairwise_accuracy=" in headlines["reward"] and "policy/win_rate_vs_sft=" in headlines["evaluate"]
+    assert "train_rows=" in headlines["prepare_data"] and "train/final_loss=" in headlines["align"]
+    assert "mlflow ui --backend-store-uri" in by_key["posttrain-report"].data

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import tasks.sft as sft
+from flows.config import instance_settings
 from tasks.stage import RunEnv, StageContext
 from tasks.store import ArtifactStore
 
@@ -32,8 +33,8 @@ class KillAt(TrainerCallback):
 
 spec = json.loads(sys.argv[1])
 ctx = StageContext(seed=0, env=RunEnv(**spec["env"]), run_id=None, stage="sft", cache_key=spec["key"])
-ctx.callbacks = lambda stage: [KillAt()]
-sft._train(spec["config"], {{"data": Path(spec["data"]), "base": Path(spec["base"])}}, Path(spec["out"]), ctx)
+ctx.callbacks = lambda: [KillAt()]
+sft._train(sft.SFTStageConfig.model_validate(spec["config"]), {{"data": Path(spec["data"]), "base": Path(spec["base"])}}, Path(spec["out"]), ctx)
 """.format(step=KILL_AT_STEP)
 
 
@@ -42,7 +43,7 @@ def _env(root: Path) -> dict:
 
 
 def _config(cfg) -> dict:
-    config = cfg.sft.model_copy(deep=True)
+    config = sft.SFTStageConfig.model_validate(instance_settings(cfg.stages["sft"]))
     config.training.max_steps, config.training.checkpoint_steps = 12, 4
     return config.model_dump(mode="json")
 
@@ -50,7 +51,7 @@ def _config(cfg) -> dict:
 def _train_here(cfg, prepared_root: Path, store_root: Path, out: Path, key: str) -> dict:
     out.mkdir(parents=True)
     ctx = StageContext(seed=0, env=RunEnv(**_env(store_root)), run_id=None, stage="sft", cache_key=key)
-    return sft._train(_config(cfg), {"data": prepared_root / "data", "base": prepared_root / "base"}, out, ctx)
+    return sft._train(sft.SFTStageConfig.model_validate(_config(cfg)), {"data": prepared_root / "data", "base": prepared_root / "base"}, out, ctx)
 
 
 def test_killed_training_resumes_from_its_checkpoint_and_matches(prepared, tmp_path):

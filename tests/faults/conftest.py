@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import ROOT, api_url, clean_env
+from tests.servers import ROOT, api_url, clean_env, tiny_stages
 
-STAGES = ["prepare_data", "pretrain", "sft", "reward", "align", "evaluate"]
+STAGES = tiny_stages()
 # Checkpoints every few steps so a killed training stage has something to resume from; quick retries.
 RECIPE = [
     "pretrain.training.checkpoint_steps=4", "sft.training.checkpoint_steps=4",

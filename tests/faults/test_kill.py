@@ -10,6 +10,7 @@ import signal
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tasks.stage import store_area
 from tasks.store import MANIFEST, ArtifactStore, Ref
 
 from .conftest import STAGES, Pipeline, digests, statuses
@@ -43,11 +44,11 @@ def chain(tmp_path_factory, prefect_api, reference):
                                   filter_string=f"tags.`posttrain.cache_key` = '{keys[stage]}'")
         kills[stage] = {
             "code": code, "log": p.output(),
-            "committed": store.lookup(stage, keys[stage]) is not None,
-            "checkpoints": store.list_keys(f"{stage}.checkpoints", prefix=keys[stage]),
+            "committed": store.lookup(store_area(keys[stage]), keys[stage]) is not None,
+            "checkpoints": store.list_keys(f"{store_area(keys[stage])}.checkpoints", prefix=keys[stage]),
             "mlflow_statuses": sorted(r.info.status for r in runs),
         }
-    resumed = {stage: store.read_manifest(store.uri_for(stage, keys[stage]))["metadata"]["metrics"]
+    resumed = {stage: store.read_manifest(store.uri_for(store_area(keys[stage]), keys[stage]))["metadata"]["metrics"]
                .get("train/resumed_from_step") for stage in CHECKPOINT_BEFORE_KILL}
     weights = next((home / "artifacts" / "sft" / keys["sft"]).glob("attempt-*/model.safetensors"))
     data = bytearray(weights.read_bytes())
@@ -76,7 +77,7 @@ def test_a_killed_training_stage_leaves_its_checkpoint_and_the_next_run_resumes_
     for stage, step in CHECKPOINT_BEFORE_KILL.items():
         assert chain["kills"][stage]["checkpoints"] == [f"{keys[stage]}-step{step:09d}"], stage
         assert chain["resumed"][stage] == step, stage
-        assert store.list_keys(f"{stage}.checkpoints", prefix=keys[stage]) == [], \
+        assert store.list_keys(f"{store_area(keys[stage])}.checkpoints", prefix=keys[stage]) == [], \
             f"{stage}: checkpoints are discarded once the output is committed"
 
 

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.servers import tiny_stages
+
 from .conftest import ACCESS_KEY, MLFLOW_PASSWORD, ROOT, SECRET
 
 pytestmark = pytest.mark.services
-STAGES = ["prepare_data", "pretrain", "sft", "reward", "align", "evaluate"]
+STAGES = tiny_stages()
 DEPLOYMENT = "posttrain/tiny-services"
 
 
@@ -74,20 +76,14 @@ def _trigger_and_wait(client, deployment, parameters, timeout=900):
     raise AssertionError(f"flow run {run.id} not finished after {timeout} s (state {run.state})")
 
 
-def _config_with(deployment, **dotted):
-    config = json.loads(json.dumps(deployment.parameters["config"]))
-    for key, value in dotted.items():
-        node = config
-        *parents, leaf = key.split("__")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
+def _with_overrides(deployment, *overrides):
+    """The run form as a user fills it: the deployment's recipe, one more dotted override."""
+    return {"recipe": deployment.parameters["recipe"], "overrides": [*deployment.parameters["overrides"], *overrides]}
 
 
 @pytest.fixture(scope="module")
 def first_run(prefect_client, deployment, worker):
-    run = _trigger_and_wait(prefect_client, deployment, {"config": _config_with(deployment, align__beta=0.15)})
+    run = _trigger_and_wait(prefect_client, deployment, _with_overrides(deployment, "align.beta=0.15"))
     assert run.state.is_completed(), f"{run.state}: see {worker}\n{Path(worker).read_text()[-4000:]}"
     return run
 
@@ -105,7 +101,7 @@ def _stage_task_states(client, flow_run_id):
 
     ids = [flow_run_id, *(r.id for r in _child_flow_runs(client, flow_run_id))]
     tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
-    return {t.name.rsplit("-", 1)[0]: t.state.name for t in tasks if t.name.rsplit("-", 1)[0] in STAGES}
+    return {t.name: t.state.name for t in tasks if t.name in STAGES}
 
 
 def _mlflow_parent(services, flow_run_id):
@@ -124,17 +120,20 @@ def test_deployment_has_a_cron_schedule_and_a_typed_form(deployment, prefect_cli
     schedules = prefect_client.read_deployment_schedules(deployment.id)
     assert [s.schedule.cron for s in schedules] == ["0 3 * * *"]
     schema = deployment.parameter_openapi_schema
-    assert "config" in schema["properties"]
+    # The form leads with what changes per run; the full typed recipe is there, below.
+    order = sorted(schema["properties"], key=lambda p: schema["properties"][p]["position"])
+    assert order[:3] == ["recipe", "overrides", "config"]
     definitions = schema.get("definitions") or schema.get("$defs")
-    assert {"PipelineConfig", "AlignConfig", "TrainingSettings"} <= set(definitions)
-    assert definitions["AlignConfig"]["properties"]["beta"]["description"]
-    assert deployment.parameters["config"]["storage"]["root"] == "s3://posttrain/runs"
+    assert {"PipelineConfig", "DPOStageInstance", "TrainingSettings"} <= set(definitions)
+    assert definitions["DPOStageInstance"]["properties"]["beta"]["description"]
+    assert deployment.parameters == {"recipe": "configs/tiny.yaml", "overrides": [
+        "storage.root=s3://posttrain/runs", "orchestration.stage_pools.evaluate=svc-eval"]}
 
 
 def test_triggered_run_with_overridden_parameter_completes(first_run, services):
     client, parent = _mlflow_parent(services, str(first_run.id))
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["align.beta"] == "0.15"
+    assert parent.data.params["stages.align.beta"] == "0.15"
     assert {parent.data.tags[f"posttrain.status.{s}"] for s in STAGES} == {"completed"}
 
 
@@ -142,7 +141,7 @@ def test_evaluation_ran_on_its_own_work_pool(first_run, prefect_client):
     [child] = _child_flow_runs(prefect_client, first_run.id)
     assert child.work_pool_name == "svc-eval" and child.state.is_completed()
     assert prefect_client.read_deployment(child.deployment_id).name == "svc-eval"
-    assert child.parameters["stage"] == "evaluate"
+    assert child.parameters["instance"] == "evaluate" and child.name == "evaluate"
     assert _stage_task_states(prefect_client, first_run.id) == {s: "Completed" for s in STAGES}
 
 
@@ -150,9 +149,9 @@ def test_artifacts_and_prefect_results_are_in_the_bucket(first_run, services):
     keys = []
     for page in services["s3"].get_paginator("list_objects_v2").paginate(Bucket="posttrain", Prefix="runs/"):
         keys += [o["Key"] for o in page.get("Contents", [])]
-    for stage in STAGES:
-        assert any(k.startswith(f"runs/{stage}/") and k.endswith("/MANIFEST.json") for k in keys), stage
-    assert any(k.startswith("runs/align/") and k.endswith("model.safetensors") for k in keys)
+    for kind in ("prepare_data", "pretrain", "sft", "reward", "dpo", "evaluate"):  # outputs live by kind
+        assert any(k.startswith(f"runs/{kind}/") and k.endswith("/MANIFEST.json") for k in keys), kind
+    assert any(k.startswith("runs/dpo/") and k.endswith("model.safetensors") for k in keys)
     assert any(k.startswith("runs/prefect-results/") for k in keys)
 
 
@@ -216,7 +215,7 @@ def test_no_credentials_reach_mlflow_or_prefect(first_run, services, prefect_cli
 
 
 def test_second_run_with_same_parameters_is_all_cache_hits_from_s3(first_run, prefect_client, deployment, services):
-    second = _trigger_and_wait(prefect_client, deployment, {"config": _config_with(deployment, align__beta=0.15)})
+    second = _trigger_and_wait(prefect_client, deployment, _with_overrides(deployment, "align.beta=0.15"))
     assert second.state.is_completed()
     assert _stage_task_states(prefect_client, second.id) == {s: "Cached" for s in STAGES}
     _, parent = _mlflow_parent(services, str(second.id))

@@ -1,29 +1,54 @@
+import shutil
+
 from tasks import cachekeys
-from tasks.cachekeys import stage_cache_key
+from tasks.cachekeys import code_files, code_modules, stage_cache_key
+from tasks.kinds import kinds
 
 CFG = {"beta": 0.1, "training": {"learning_rate": 5e-4}}
-INPUTS = {"data": "a" * 64, "sft": "b" * 64}
+INPUTS = {"data": "a" * 64, "policy": "b" * 64}
 
 
 def test_key_is_stable_and_independent_of_input_order():
-    assert stage_cache_key("align", CFG, INPUTS, 0) == stage_cache_key("align", CFG, dict(reversed(INPUTS.items())), 0)
+    assert stage_cache_key("dpo", CFG, INPUTS, 0) == stage_cache_key("dpo", CFG, dict(reversed(INPUTS.items())), 0)
 
 
 def test_key_changes_with_each_thing_it_covers(monkeypatch):
-    base = stage_cache_key("align", CFG, INPUTS, 0)
-    assert stage_cache_key("align", {**CFG, "beta": 0.2}, INPUTS, 0) != base
-    assert stage_cache_key("align", CFG, {**INPUTS, "data": "c" * 64}, 0) != base
-    assert stage_cache_key("align", CFG, INPUTS, 1) != base
-    assert stage_cache_key("sft", CFG, INPUTS, 0) != base
+    base = stage_cache_key("dpo", CFG, INPUTS, 0)
+    assert stage_cache_key("dpo", {**CFG, "beta": 0.2}, INPUTS, 0) != base
+    assert stage_cache_key("dpo", CFG, {**INPUTS, "data": "c" * 64}, 0) != base
+    assert stage_cache_key("dpo", CFG, INPUTS, 1) != base
+    assert stage_cache_key("dpo", CFG, INPUTS, 0, round_=2) != base
+    assert stage_cache_key("rlhf", CFG, INPUTS, 0) != base
     real = cachekeys.library_versions()
     monkeypatch.setattr(cachekeys, "library_versions", lambda: {**real, "trl": "0.0"})
-    assert stage_cache_key("align", CFG, INPUTS, 0) != base
+    assert stage_cache_key("dpo", CFG, INPUTS, 0) != base
 
 
 def test_key_follows_the_stage_source(monkeypatch):
-    base = stage_cache_key("align", CFG, INPUTS, 0)
+    base = stage_cache_key("dpo", CFG, INPUTS, 0)
     monkeypatch.setattr(cachekeys, "code_digest", lambda stage: "edited")
-    assert stage_cache_key("align", CFG, INPUTS, 0) != base
+    assert stage_cache_key("dpo", CFG, INPUTS, 0) != base
+
+
+def test_stage_code_is_derived_from_its_imports():
+    # every training stage reads its data through tasks.data and trains through tasks.training
+    for kind in ("sft", "reward", "dpo", "rlhf", "pretrain"):
+        modules = code_modules(kinds()[kind].module)
+        assert {"tasks.data", "tasks.training", "tasks.modeling", "tasks.launch"} <= set(modules), kind
+        assert "tasks.tracking" not in modules and "tasks.store" not in modules  # bookkeeping, not results
+    assert "tasks.align" in code_modules("tasks.dpo") and "tasks.generation" in code_modules("tasks.evaluate")
+
+
+def test_editing_a_helper_a_stage_imports_changes_its_code_digest(tmp_path):
+    shutil.copytree(cachekeys.PROJECT_ROOT / "tasks", tmp_path / "tasks")
+    before = code_files("tasks.sft", tmp_path)
+    helper = tmp_path / "tasks" / "data.py"  # imported by sft only inside functions
+    helper.write_text(helper.read_text() + "\n# an edit\n")
+    after = code_files("tasks.sft", tmp_path)
+    assert after["tasks/data.py"] != before["tasks/data.py"] and after["tasks/sft.py"] == before["tasks/sft.py"]
+    untouched = tmp_path / "tasks" / "tracking.py"
+    untouched.write_text(untouched.read_text() + "\n# an edit\n")
+    assert code_files("tasks.sft", tmp_path) == after
 
 
 def test_versions_cover_the_ml_libraries():
@@ -32,6 +57,6 @@ def test_versions_cover_the_ml_libraries():
         assert versions[name] != "absent"
 
 
-def test_every_stage_has_code_to_hash():
-    for stage in cachekeys.STAGE_CODE:
-        assert len(cachekeys.code_digest(stage)) == 64
+def test_every_kind_has_code_to_hash():
+    for kind in kinds():
+        assert len(cachekeys.code_digest(kind)) == 64

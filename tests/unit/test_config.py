@@ -28,15 +28,16 @@ def test_default_recipe_is_the_demo():
 def test_required_keys_exist():
     cfg = load_config()
     assert isinstance(cfg.seed, int)
-    assert cfg.align.method in ("dpo", "rlhf")
-    assert cfg.align.beta > 0
+    assert cfg.stages["align"].kind in ("dpo", "rlhf")
+    assert cfg.stages["align"].beta > 0
     assert hasattr(cfg.storage, "root") and hasattr(cfg.tracking, "uri")
 
 
 def test_dotted_overrides_are_typed():
     cfg = load_config(None, ["align.beta=0.25", "align.method=rlhf", "sft.training.lora.enabled=true", "seed=7"])
-    assert cfg.align.beta == 0.25 and cfg.align.method == "rlhf"
-    assert cfg.sft.training.lora.enabled is True and cfg.seed == 7
+    assert cfg.stages["align"].beta == 0.25 and cfg.stages["align"].kind == "rlhf"
+    assert cfg.stages["align"].inputs["reward"] == "reward", "rlhf reads the chain's reward model"
+    assert cfg.stages["sft"].training.lora.enabled is True and cfg.seed == 7
 
 
 def test_unknown_key_is_refused_with_its_path():

@@ -39,9 +39,9 @@ def test_unreachable_s3_endpoint_is_named(monkeypatch):
 
 def test_unknown_model_path_is_named(tmp_path):
     cfg = load_config(None, ["pretrain.enabled=false", f"model.base={tmp_path / 'no-such-model'}"])
-    with pytest.raises(PreflightError, match=r"model.base: .*no-such-model does not exist"):
+    with pytest.raises(PreflightError, match=r"stages.sft.inputs.base: model .*no-such-model: no such folder"):
         preflight(cfg)
     (tmp_path / "folder").mkdir()
     cfg = load_config(None, ["pretrain.enabled=false", f"model.base={tmp_path / 'folder'}"])
-    with pytest.raises(PreflightError, match=r"model.base: .*folder has no config.json"):
+    with pytest.raises(PreflightError, match=r"stages.sft.inputs.base: model .*folder: no config.json"):
         preflight(cfg)

@@ -1,0 +1,54 @@
+"""`dpo` stage: Direct Preference Optimization (TRL DPOTrainer) on preference pairs, the starting
+policy as the frozen reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from tasks.align import AlignmentSettings, run_alignment, train_policy
+from tasks.kinds import Slot, StageKind
+from tasks.training import TrainingSettings
+
+
+class DPOStageConfig(AlignmentSettings):
+    loss_type: list[str] = Field(
+        default_factory=lambda: ["sigmoid", "sft"],
+        description="TRL DPO loss types, combined; 'sft' adds the chosen replies' likelihood (RPO) and keeps "
+        "the policy from drifting to degenerate replies.",
+    )
+    loss_weights: list[float] | None = Field(None, description="Weight of each loss type (default 1.0 each).")
+    training: TrainingSettings = Field(
+        default_factory=lambda: TrainingSettings(learning_rate=5e-4, epochs=2, batch_size=16),
+        description="Hyperparameters of the DPO run.",
+    )
+
+
+def _train(cfg: DPOStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
+    def make_trainer(base_args: dict, train, common: dict):
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(**base_args, beta=cfg.beta, max_length=cfg.training.max_length,
+                         loss_type=cfg.loss_type, loss_weights=cfg.loss_weights)
+        return DPOTrainer(args=args, train_dataset=train, **common)
+
+    return train_policy(cfg, inputs["data"], inputs["policy"], out, ctx, make_trainer)
+
+
+def _work(cfg: DPOStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
+    return run_alignment(_train, cfg, inputs, out, ctx)
+
+
+KIND = StageKind(
+    name="dpo",
+    description="DPO (TRL DPOTrainer) from a policy on preference pairs.",
+    config=DPOStageConfig,
+    inputs={
+        "data": Slot("data", "prepared data with preference pairs", data=("preference",)),
+        "policy": Slot("policy", "the starting policy, also the frozen reference"),
+    },
+    output="policy",
+    work=_work,
+    headline=("train/final_loss",),
+)

@@ -1,0 +1,109 @@
+"""Stage kinds: what each kind of stage is, declared once, in the kind's own module.
+
+A kind module defines `KIND = StageKind(...)`: its name, its typed config, its typed input slots, the
+type of its output, its headline metrics and its work function. The flow, the recipe validation, the
+CLI table, the run summary, reproduce, work-pool placement and the tests all read this registry.
+Adding a kind is one new module plus its line in KIND_MODULES.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+ValueType = Literal["data", "policy", "reward", "report"]
+VALUE_TYPES: dict[str, str] = {
+    "data": "prepared data sets (a prepare_data output)",
+    "policy": "a causal language model (AutoModelForCausalLM)",
+    "reward": "a reward model (AutoModelForSequenceClassification, one label)",
+    "report": "an evaluation (metrics and sample generations)",
+}
+
+# One module per kind, one method per module (as TRL keeps one trainer per file).
+KIND_MODULES = (
+    "tasks.data",
+    "tasks.pretrain",
+    "tasks.sft",
+    "tasks.reward",
+    "tasks.dpo",
+    "tasks.rlhf",
+    "tasks.evaluate",
+)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One named input of a kind."""
+
+    type: ValueType
+    description: str
+    required: bool = True
+    data: tuple[str, ...] = ()  # data slots: the data kinds (sft, preference, eval, ...) the stage reads
+
+
+# work(config, inputs, out, ctx) -> metrics: `config` is the kind's typed config, `inputs` maps each
+# slot to a local folder (or a Hub id), `out` is the folder to write the output into.
+Work = Callable[[Any, dict[str, Any], Path, Any], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class StageKind:
+    name: str
+    description: str
+    config: type  # a tasks.training.Section subclass
+    inputs: dict[str, Slot]
+    output: ValueType
+    work: Work
+    headline: tuple[str, ...] = ()  # metric names or fnmatch patterns (*/task_accuracy), shown in this order
+    # Any input name not in `inputs` is accepted as this type (evaluate compares any number of policies).
+    more_inputs: Slot | None = None
+    # Data kinds a data-producing stage provides, from its config (prepare_data).
+    provides: Callable[[Any], set[str]] | None = None
+    # The external inputs a stage reads directly from its config (prepare_data's sources), as refs.
+    source_inputs: Callable[[Any], dict[str, dict]] | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def module(self) -> str:
+        return self.work.__module__
+
+    def headline_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        import fnmatch
+
+        shown: dict[str, float] = {}
+        for pattern in self.headline:
+            shown.update({k: v for k, v in metrics.items() if fnmatch.fnmatchcase(k, pattern) and k not in shown})
+        return shown
+
+    def slot(self, name: str) -> Slot | None:
+        return self.inputs.get(name) or self.more_inputs
+
+    def loop_slot(self) -> str | None:
+        """The input a repeated instance's round k takes from round k-1: the one slot of the output's type."""
+        same = [name for name, slot in self.inputs.items() if slot.type == self.output]
+        return same[0] if len(same) == 1 else None
+
+
+class UnknownKind(KeyError):
+    pass
+
+
+@lru_cache(maxsize=None)
+def kinds() -> dict[str, StageKind]:
+    registry: dict[str, StageKind] = {}
+    for module_name in KIND_MODULES:
+        kind = importlib.import_module(module_name).KIND
+        if kind.name in registry:
+            raise RuntimeError(f"stage kind {kind.name!r} is declared twice ({registry[kind.name].module}, {module_name})")
+        registry[kind.name] = kind
+    return registry
+
+
+def get(name: str) -> StageKind:
+    try:
+        return kinds()[name]
+    except KeyError:
+        raise UnknownKind(f"unknown stage kind {name!r}; kinds are {', '.join(kinds())}") from None

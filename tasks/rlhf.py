@@ -1,0 +1,77 @@
+"""`rlhf` stage: online RL against a reward model with TRL's GRPOTrainer. Completions sampled from the
+policy for the preference prompts are scored by the reward model; `beta` weights the KL penalty to
+the starting policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from tasks.align import AlignmentSettings, run_alignment, train_policy
+from tasks.kinds import Slot, StageKind
+from tasks.training import TrainingSettings
+
+
+class RLHFStageConfig(AlignmentSettings):
+    num_generations: int = Field(8, ge=2, description="Completions sampled per prompt (the GRPO group size).")
+    max_completion_length: int = Field(8, ge=1, description="Longest sampled completion, in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature for the rollouts.")
+    num_iterations: int = Field(1, ge=1, description="Optimizer passes over each batch of rollouts (GRPO's mu); "
+                                "above 1, PPO-style clipping bounds each pass.")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "none",
+        description="GRPO advantage scaling. 'none' keeps the reward model's scale, so near-ties the reward "
+        "model cannot tell apart are not blown up into large advantages (less reward hacking).",
+    )
+    training: TrainingSettings = Field(
+        default_factory=lambda: TrainingSettings(learning_rate=2e-4, max_steps=150, batch_size=64),
+        description="Hyperparameters of the RL run; batch_size counts completions and must be a multiple of "
+        "num_generations.",
+    )
+
+    @model_validator(mode="after")
+    def _group_divides_batch(self) -> "RLHFStageConfig":
+        t = self.training
+        if (t.batch_size * t.gradient_accumulation_steps) % self.num_generations:
+            raise ValueError(
+                f"num_generations={self.num_generations} must divide the effective batch (training.batch_size x "
+                f"gradient_accumulation_steps = {t.batch_size * t.gradient_accumulation_steps})"
+            )
+        return self
+
+
+def _train(cfg: RLHFStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
+    def make_trainer(base_args: dict, train, common: dict):
+        from trl import GRPOConfig, GRPOTrainer
+
+        from tasks.modeling import load_reward_model, load_tokenizer
+
+        reward_model = load_reward_model(inputs["reward"], ctx.trust_remote_code).requires_grad_(False).eval()
+        args = GRPOConfig(**base_args, beta=cfg.beta, num_generations=cfg.num_generations,
+                          max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
+                          scale_rewards=cfg.scale_rewards, num_iterations=cfg.num_iterations)
+        return GRPOTrainer(args=args, train_dataset=train.select_columns(["prompt"]), reward_funcs=reward_model,
+                           reward_processing_classes=load_tokenizer(inputs["reward"], ctx.trust_remote_code), **common)
+
+    return train_policy(cfg, inputs["data"], inputs["policy"], out, ctx, make_trainer)
+
+
+def _work(cfg: RLHFStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
+    return run_alignment(_train, cfg, inputs, out, ctx)
+
+
+KIND = StageKind(
+    name="rlhf",
+    description="RLHF: GRPO (TRL GRPOTrainer) from a policy against a reward model, on the preference prompts.",
+    config=RLHFStageConfig,
+    inputs={
+        "data": Slot("data", "prepared data whose preference prompts are the RL prompts", data=("preference",)),
+        "policy": Slot("policy", "the starting policy, also the KL reference"),
+        "reward": Slot("reward", "the reward model that scores sampled completions"),
+    },
+    output="policy",
+    work=_work,
+    headline=("train/final_reward", "train/final_kl"),
+)
