@@ -61,7 +61,7 @@ def test_plan_before_the_first_run_says_everything_runs_and_why(branches):
     assert before["data"]["action"] == "run" and before["data"]["cache_key"].startswith("prepare_data-")
     assert before["data"]["reason"] == "never ran: no stored output of this stage"
     assert before["sft"]["action"] == "run" and before["sft"]["cache_key"] is None
-    assert "comes from base, which runs first" in before["sft"]["reason"]
+    assert before["sft"]["reason"] == "its input data comes from data, which runs first"
     assert set(before) == {"data", "base", "sft", "reward", "dpo_a", "dpo_b.round1", "dpo_b.round2", "evaluate"}
 
 

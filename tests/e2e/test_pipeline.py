@@ -44,9 +44,9 @@ def test_first_run_completes_every_stage(first):
     assert [s["name"] for s in summary["stages"]] == STAGES
     for stage in summary["stages"]:
         assert stage["status"] == "completed", stage
-        assert stage["cache_key"].startswith(stage["name"])
+        assert stage["cache_key"].startswith(stage["kind"] + "-")  # keys follow the kind, not the instance
         assert stage["output_uri"] and stage["mlflow_run_id"] and stage["seconds"] > 0
-        assert set(stage) >= {"name", "status", "cache_key", "output_uri", "mlflow_run_id", "seconds", "metrics"}
+        assert set(stage) >= {"name", "kind", "status", "cache_key", "output_uri", "mlflow_run_id", "seconds", "metrics"}
     for key in ("base/task_accuracy", "sft/task_accuracy", "policy/task_accuracy", "reward/pairwise_accuracy",
                 "policy/win_rate_vs_sft", "policy/kl_to_sft"):
         assert key in summary["metrics"]
@@ -58,8 +58,8 @@ def test_parent_run_records_config_versions_commit_and_cache_keys(first):
     client = _client(summary)
     parent = client.get_run(summary["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["seed"] == "0" and parent.data.params["align.beta"] == "0.1"
-    assert parent.data.params["align.method"] == "dpo"
+    assert parent.data.params["seed"] == "0" and parent.data.params["stages.align.beta"] == "0.1"
+    assert parent.data.params["stages.align.kind"] == "dpo"
     tags = parent.data.tags
     assert tags["prefect.flow_run_id"] == summary["flow_run_id"]
     assert "mlflow.source.git.commit" in tags
