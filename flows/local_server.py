@@ -129,6 +129,11 @@ def start_or_find(home: Path) -> LocalServer:
         )
         state = {"pid": process.pid, "port": port, "api_url": f"http://127.0.0.1:{port}/api",
                  "ui_url": f"http://127.0.0.1:{port}", "started": time.time()}
+        # Until the child has exec'd, its command line is still this process's, and another run taking the
+        # lock next would not recognise it as the server and start a second one on the same database.
+        deadline = time.monotonic() + 30
+        while not _alive(process.pid) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
         (home / STATE_FILE).write_text(json.dumps(state))
         return LocalServer(home, state, process)
 

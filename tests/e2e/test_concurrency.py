@@ -56,7 +56,7 @@ def test_each_stage_key_holds_one_complete_uncorrupted_output(two_runs):
     home, (summary, _), _ = two_runs
     store = ArtifactStore(str(home / "artifacts"))
     for stage in summary["stages"]:
-        folder = home / "artifacts" / stage["name"] / stage["cache_key"]
+        folder = home / "artifacts" / stage["kind"] / stage["cache_key"]
         manifest = json.loads((folder / MANIFEST).read_text())
         attempts = sorted(p.name for p in folder.iterdir() if p.name.startswith("attempt-"))
         assert attempts == [manifest["attempt"]], f"{stage['name']}: {attempts} (one output, no duplicate)"

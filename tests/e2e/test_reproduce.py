@@ -72,7 +72,7 @@ def test_changed_input_is_refused_unless_allowed(original, state_home, capsys):
         code, _ = _reproduce(state_home, summary["mlflow_run_id"])
         assert code == 3
         err = capsys.readouterr().err
-        assert "input data.preference" in err and "--allow-input-change" in err
+        assert "input stages.prepare_data.preference" in err and "--allow-input-change" in err
         code, again = _reproduce(state_home, summary["mlflow_run_id"], "--allow-input-change")
         assert code == 4, "a different input gives different results, reported as a difference"
         tags = MlflowClient(summary["tracking_uri"]).get_run(again["mlflow_run_id"]).data.tags

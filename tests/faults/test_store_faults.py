@@ -81,7 +81,7 @@ def test_a_full_disk_fails_the_stage_cleanly_and_the_retry_completes_once_space_
         store = ArtifactStore(str(store_dir))
         for stage in summary["stages"]:
             assert store.problem(Ref(stage["output_uri"], stage["output_digest"])) is None
-            assert len(list((store_dir / stage["name"] / stage["cache_key"]).glob("attempt-*"))) == 1, \
+            assert len(list((store_dir / stage["kind"] / stage["cache_key"]).glob("attempt-*"))) == 1, \
                 f"{stage['name']}: the attempt that hit the full disk was removed"
         full = [(s, r) for s in STAGES for r in _stage_runs(tmp_path, s) if r.info.status == "FAILED"]
         assert len(full) == 1, f"one stage attempt failed on the full disk (df used: {used}): {full}"
