@@ -286,8 +286,12 @@ def forward_logs_to_prefect():
     from tasks.logs import PrefectRunHandler
 
     handler = PrefectRunHandler()
+    level = logger.level
     logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:  # a worker's flow-run process configures no posttrain logging
+        logger.setLevel(logging.INFO)
     try:
         yield
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)

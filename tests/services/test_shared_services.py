@@ -183,7 +183,23 @@ def test_run_publishes_prefect_artifacts(first_run, prefect_client):
     by_key = {a.key: a for a in artifacts}
     assert {"posttrain-stages", "posttrain-report", "posttrain-sample-generations"} <= set(by_key)
     report = by_key["posttrain-report"].data
-    assert "s3://posttrain/runs/sft/" in report and "/#/experiments/" in report
+    assert "s3://posttrain/runs/sft/" in report
+    for stage in STAGES:  # each stage's row links its MLflow run on the server
+        row = next(line for line in report.splitlines() if line.startswith(f"| {stage} |"))
+        assert "](http://127.0.0.1:" in row and "/#/experiments/" in row, row
+
+
+def test_worker_flow_runs_log_each_stage_with_its_mlflow_link(first_run, prefect_client):
+    """In a worker's flow-run process (no posttrain CLI there to configure logging), the stages' progress
+    lines still reach the flow run's logs in the UI."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    ids = [first_run.id, *(r.id for r in _child_flow_runs(prefect_client, first_run.id))]
+    messages = [log.message for log in prefect_client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)),
+                                                                  limit=200)]
+    for stage in STAGES:
+        assert any(m.startswith(f"[{stage}] MLflow run http://127.0.0.1:") for m in messages), stage
+    assert any(m.startswith("[sft] step ") for m in messages)
 
 
 def test_no_credentials_reach_mlflow_or_prefect(first_run, services, prefect_client, tmp_path):
