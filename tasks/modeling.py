@@ -69,6 +69,13 @@ def inference_dtype(dtype: str = "auto"):
     return getattr(torch, dtype)
 
 
+def _quiet_loading() -> None:
+    """No 'Loading weights' bar per model: evaluation loads several, and the stage's own lines say what runs."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _place(model, on_device: bool):
     return model.to(accelerator()) if on_device else model
 
@@ -78,6 +85,7 @@ def load_causal_lm(source: str | Path, trust_remote_code: bool = False, dtype: s
     """A causal LM; with on_device, on the accelerator (training leaves placement to the Trainer)."""
     from transformers import AutoModelForCausalLM
 
+    _quiet_loading()
     model = AutoModelForCausalLM.from_pretrained(
         str(source), trust_remote_code=trust_remote_code, use_safetensors=True, dtype=inference_dtype(dtype)
     )
@@ -88,6 +96,7 @@ def load_reward_model(source: str | Path, trust_remote_code: bool = False, dtype
                       on_device: bool = False):
     from transformers import AutoModelForSequenceClassification
 
+    _quiet_loading()
     model = AutoModelForSequenceClassification.from_pretrained(
         str(source), num_labels=1, trust_remote_code=trust_remote_code, use_safetensors=True,
         dtype=inference_dtype(dtype),
