@@ -196,8 +196,7 @@ class _Runner:
         # takes its own (run_stage_flow).
         env = {**params["env"], "tracking_uri": strip_credentials(params["env"]["tracking_uri"]),
                "storage_root": strip_credentials(params["env"]["storage_root"])}
-        flow_run = run_deployment(f"posttrain-stage/{pool}", parameters={**params, "env": env}, timeout=None,
-                                  flow_run_name=f"{self.cfg.name}-{node.name}")
+        flow_run = run_deployment(f"posttrain-stage/{pool}", parameters={**params, "env": env}, timeout=None)
         if not flow_run.state.is_completed():
             self._failed(node, time.monotonic() - started, f"stage flow run {flow_run.id} on work pool {pool!r} "
                          f"ended {flow_run.state.name}: {flow_run.state.message}")

@@ -9,6 +9,7 @@ Hold points let a test act between two events instead of racing a timer: with
 POSTTRAIN_HOLD_AT=<point>=<gate file>, the process waits at that point until the gate file exists.
 
     POSTTRAIN_HOLD_AT='*:retry=/tmp/gate'   a failed stage waits before its retry (e.g. to free disk space)
+    POSTTRAIN_HOLD_AT='dpo_*:start=/tmp/gate'  matching stages wait when they start (e.g. until both branches have)
 """
 
 from __future__ import annotations

@@ -164,6 +164,9 @@ def execute_stage(kind: str, instance: str, config: dict, inputs: dict[str, dict
     from tasks.cachekeys import code_files, library_versions
     from tasks.kinds import get
 
+    from tasks.faults import hold_point
+
+    hold_point(f"{instance}:start")  # lets a test act once a stage has started (POSTTRAIN_HOLD_AT)
     stage_kind = get(kind)
     cfg = stage_kind.config.model_validate(config)  # parsed once; the work function gets the typed config
     run_env = RunEnv(**env)
