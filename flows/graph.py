@@ -148,6 +148,18 @@ def build_nodes(cfg: "PipelineConfig") -> list[Node]:
     return ordered
 
 
+def with_upstream(nodes: list[Node], names: set[str]) -> set[str]:
+    """`names` and every node they read, directly or not."""
+    by_name = {n.name: n for n in nodes}
+    found, todo = set(names), list(names)
+    while todo:
+        for up in by_name[todo.pop()].upstream:
+            if up not in found:
+                found.add(up)
+                todo.append(up)
+    return found
+
+
 def downstream_of(nodes: list[Node], names: set[str]) -> set[str]:
     """`names` and every node that reads them, directly or not."""
     found = set(names)

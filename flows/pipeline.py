@@ -16,9 +16,9 @@ from typing import Callable
 from prefect import flow, get_run_logger
 
 from flows.config import PipelineConfig, load_config, validate_recipe
-from flows.graph import Node, build_nodes, downstream_of, node_names
+from flows.graph import Node, build_nodes, downstream_of, node_names, with_upstream
 from flows.lineage import close_pipeline_run, open_pipeline_run
-from tasks.stage import cache_key_for, record_cached_stage, round_seconds, stage_task, store_area
+from tasks.stage import cache_key_for, record_cached_stage, stage_task, store_area
 from tasks.store import ArtifactStore, Ref
 
 
@@ -34,12 +34,16 @@ class NotInStore(RuntimeError):
     """A stage left out of the selection has no stored output for its current settings and inputs."""
 
 
-def node_inputs(cfg: PipelineConfig, node: Node, outputs: dict[str, dict]) -> dict[str, dict]:
-    """The stage's inputs as references: upstream outputs, external models, the sources it reads."""
+def node_inputs(cfg: PipelineConfig, node: Node, outputs: dict[str, dict], models: dict[str, dict]) -> dict[str, dict]:
+    """The stage's inputs as references: upstream outputs, external models (each resolved, and a folder
+    hashed, once per run: `models` keeps them), the sources it reads."""
     from tasks.modeling import resolve_model
 
     inputs = {slot: outputs[up] for slot, up in node.stage_inputs.items()}
-    inputs |= {slot: resolve_model(ref, cfg.tracking.uri) for slot, ref in node.model_inputs.items()}
+    for slot, ref in node.model_inputs.items():
+        if ref not in models:
+            models[ref] = resolve_model(ref, cfg.tracking.uri)
+        inputs[slot] = models[ref]
     if node.kind.source_inputs:
         inputs |= node.kind.source_inputs(cfg.stages[node.instance])
     return inputs
@@ -109,12 +113,13 @@ class _Runner:
         self.cfg, self.env, self.selected, self.refresh = cfg, env, selected, refresh
         self.store = ArtifactStore(cfg.storage.root)
         self.outcomes: list[dict] = []
+        self.models: dict[str, dict] = {}  # external models by reference, resolved once per run
         self.result_storage = _result_storage(cfg.storage.root)
 
     def __call__(self, node: Node, outputs: dict[str, dict]) -> dict:
         started = time.monotonic()
         try:  # resolving inputs reads them (data fingerprints, model folders): a failure is the stage's
-            inputs = node_inputs(self.cfg, node, outputs)
+            inputs = node_inputs(self.cfg, node, outputs, self.models)
         except Exception as exc:
             self._failed(node, time.monotonic() - started, f"{type(exc).__name__}: {exc}")
         params = stage_parameters(self.cfg, node, inputs, self.env, refresh=node.name in self.refresh)
@@ -136,7 +141,7 @@ class _Runner:
             "output_uri": result["output"]["uri"],
             "output_digest": result["output"]["digest"],
             "mlflow_run_id": run_id,
-            "seconds": round_seconds(seconds),
+            "seconds": round(seconds, 3),
             "metrics": result["metrics"],
         })
         return result["output"]
@@ -209,7 +214,7 @@ class _Runner:
     def _failed(self, node: Node, seconds: float, error: str):
         self.outcomes.append({"name": node.name, "kind": node.kind.name, "instance": node.instance,
                               "round": node.round, "status": "failed", "cache_key": None, "output_uri": None,
-                              "mlflow_run_id": None, "seconds": round_seconds(seconds), "metrics": {},
+                              "mlflow_run_id": None, "seconds": round(seconds, 3), "metrics": {},
                               "error": error})
         raise PipelineFailed(f"stage {node.name} failed: {error}", {"stages": self.outcomes})
 
@@ -293,7 +298,7 @@ def post_training_pipeline(
     cfg = recipe_config(recipe, overrides or [], config).resolved()
     nodes = build_nodes(cfg)
     chosen = selection(nodes, only or [], start_from or [])
-    needed = {up for n in nodes if n.name in chosen for up in _ancestors(nodes, n.name)} | chosen
+    needed = with_upstream(nodes, chosen)
     nodes = [n for n in nodes if n.name in needed]
     refreshed = set().union(*(node_names(nodes, name) for name in refresh or []))
     env = open_pipeline_run(cfg, run_tags)
@@ -311,13 +316,3 @@ def post_training_pipeline(
         raise PipelineFailed(str(error), summary) from error
     return summary
 
-
-def _ancestors(nodes: list[Node], name: str) -> set[str]:
-    by_name = {n.name: n for n in nodes}
-    found, todo = set(), list(by_name[name].upstream)
-    while todo:
-        up = todo.pop()
-        if up not in found:
-            found.add(up)
-            todo += by_name[up].upstream
-    return found

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from flows.config import PipelineConfig
-from flows.graph import build_nodes, node_names
+from flows.graph import build_nodes, node_names, with_upstream
 from flows.pipeline import node_inputs, selection, stage_parameters
 from tasks.stage import cache_key_for, store_area
 from tasks.store import ArtifactStore
@@ -37,7 +37,9 @@ def make_plan(cfg: PipelineConfig, only=(), start_from=(), refresh=()) -> list[P
     refreshed = set().union(*(node_names(nodes, name) for name in refresh))
     rows: dict[str, PlanRow] = {}
     outputs: dict[str, dict] = {}
-    needed = _needed(nodes, chosen)
+    models: dict[str, dict] = {}
+    stored_by_kind: dict[str, list[dict]] = {}
+    needed = with_upstream(nodes, chosen)
     for node in (n for n in nodes if n.name in needed):
         selected = node.name in chosen
         pending = [up for up in node.upstream if rows[up].action != "cached"]
@@ -46,7 +48,7 @@ def make_plan(cfg: PipelineConfig, only=(), start_from=(), refresh=()) -> list[P
             rows[node.name] = PlanRow(node.name, node.kind.name, None, "run" if selected else "missing",
                                       f"its input {slot} comes from {pending[0]}, which runs first")
             continue
-        params = stage_parameters(cfg, node, node_inputs(cfg, node, outputs), {})
+        params = stage_parameters(cfg, node, node_inputs(cfg, node, outputs, models), {})
         key = cache_key_for(node.kind.name, params)
         stored = store.lookup(store_area(key), key)
         if stored is not None:
@@ -57,29 +59,22 @@ def make_plan(cfg: PipelineConfig, only=(), start_from=(), refresh=()) -> list[P
             rows[node.name] = PlanRow(node.name, node.kind.name, key, "cached", "same settings, inputs and code "
                                       "as its stored output")
         elif selected:
-            rows[node.name] = PlanRow(node.name, node.kind.name, key, "run", why_it_runs(store, cfg, node, params))
+            if node.kind.name not in stored_by_kind:
+                stored_by_kind[node.kind.name] = _stored_metadata(store, node.kind.name)
+            reason = why_it_runs(stored_by_kind[node.kind.name], cfg, node, params)
+            rows[node.name] = PlanRow(node.name, node.kind.name, key, "run", reason)
         else:
             rows[node.name] = PlanRow(node.name, node.kind.name, key, "missing", "not selected, and not in the "
                                       f"store: run it first (--only {node.instance})")
     return list(rows.values())
 
 
-def _needed(nodes, chosen: set[str]) -> set[str]:
-    by_name = {n.name: n for n in nodes}
-    needed, todo = set(chosen), list(chosen)
-    while todo:
-        for up in by_name[todo.pop()].upstream:
-            if up not in needed:
-                needed.add(up)
-                todo.append(up)
-    return needed
-
-
-def why_it_runs(store: ArtifactStore, cfg: PipelineConfig, node, params: dict) -> str:
-    """What differs from the last stored output of this stage (same recipe and instance name)."""
+def why_it_runs(stored: list[dict], cfg: PipelineConfig, node, params: dict) -> str:
+    """What differs from the last stored output of this stage (same recipe and instance name); `stored`:
+    the metadata of every stored output of its kind."""
     from tasks.cachekeys import code_files, library_versions
 
-    previous = _last_output(store, node.kind.name, node.name, cfg.name)
+    previous = _last_output(stored, node.name, cfg.name)
     if previous is None:
         return "never ran: no stored output of this stage"
     changes = []
@@ -106,14 +101,15 @@ def why_it_runs(store: ArtifactStore, cfg: PipelineConfig, node, params: dict) -
     return "; ".join(changes) or "its stored output is gone (deleted or quarantined)"
 
 
-def _last_output(store: ArtifactStore, kind: str, instance: str, recipe: str) -> dict | None:
-    """Metadata of the newest committed output of `instance` (preferring the same recipe)."""
-    found = []
-    for key in store.list_keys(kind):
-        manifest = store.read_manifest(store.uri_for(kind, key))
-        metadata = (manifest or {}).get("metadata") or {}
-        if metadata.get("instance") == instance:
-            found.append((metadata.get("recipe") == recipe, metadata.get("committed_at", 0), metadata))
+def _stored_metadata(store: ArtifactStore, kind: str) -> list[dict]:
+    """The metadata of every committed output of a kind (read once per plan, whatever its number of stages)."""
+    manifests = (store.read_manifest(store.uri_for(kind, key)) for key in store.list_keys(kind))
+    return [m.get("metadata") or {} for m in manifests if m]
+
+
+def _last_output(stored: list[dict], instance: str, recipe: str) -> dict | None:
+    """The newest of `stored` made by `instance` (preferring the same recipe)."""
+    found = [(m.get("recipe") == recipe, m.get("committed_at", 0), m) for m in stored if m.get("instance") == instance]
     return max(found, key=lambda f: f[:2])[2] if found else None
 
 

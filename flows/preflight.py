@@ -83,7 +83,7 @@ def check_models(cfg: PipelineConfig) -> None:
             if value in cfg.stages:
                 continue
             try:
-                resolve_model(value, cfg.tracking.uri)
+                resolve_model(value, cfg.tracking.uri, digest=False)  # the run hashes it, once
             except (FileNotFoundError, ValueError) as e:
                 raise PreflightError(f"stages.{name}.inputs.{slot}: {e}") from None
 

@@ -9,7 +9,7 @@ Adding a kind is one new module plus its line in KIND_MODULES.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -64,7 +64,6 @@ class StageKind:
     provides: Callable[[Any], set[str]] | None = None
     # The external inputs a stage reads directly from its config (prepare_data's sources), as refs.
     source_inputs: Callable[[Any], dict[str, dict]] | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def module(self) -> str:

@@ -141,12 +141,13 @@ def is_model_reference(text: str) -> bool:
             or Path(text).expanduser().exists())
 
 
-def resolve_model(reference: str, tracking_uri: str | None = None) -> dict:
+def resolve_model(reference: str, tracking_uri: str | None = None, digest: bool = True) -> dict:
     """A model named by a recipe as a stage input {uri, digest, kind: model[, revision]}.
 
     The digest follows the weights for folders and URIs (ETags for object stores) and the registered
     version for models:/ references; a Hub id is keyed by its name and revision (pin a revision, or
-    download a snapshot to a folder, for a cache key that follows the weights)."""
+    download a snapshot to a folder, for a cache key that follows the weights). `digest=False` only checks
+    that the model is there (pre-flight), without hashing a local folder's files."""
     import fsspec
 
     from tasks.store import content_digest, digest_json, directory_manifest
@@ -165,7 +166,8 @@ def resolve_model(reference: str, tracking_uri: str | None = None) -> dict:
     if local.exists():
         if not (local / "config.json").exists():
             raise FileNotFoundError(f"model {local}: no config.json; is it a save_pretrained folder?")
-        return {"uri": str(local.resolve()), "digest": content_digest(directory_manifest(local)), "kind": "model"}
+        return {"uri": str(local.resolve()), "digest": content_digest(directory_manifest(local)) if digest else "",
+                "kind": "model"}
     repo, _, revision = reference.partition("@")
     if reference.startswith((".", "/", "~")) or repo.count("/") != 1 or not all(repo.split("/")):
         raise FileNotFoundError(f"model {reference}: no such folder, and not a Hub id ({MODEL_REFERENCE_HELP})")
@@ -173,10 +175,6 @@ def resolve_model(reference: str, tracking_uri: str | None = None) -> dict:
         return {"uri": repo, "revision": revision, "digest": digest_json({"hub": repo, "revision": revision}),
                 "kind": "model"}
     return {"uri": repo, "digest": digest_json({"hub": repo}), "kind": "model"}
-
-
-def resolve_base_model(base: str) -> dict:
-    return resolve_model(base)
 
 
 def _resolve_registered(reference: str, tracking_uri: str | None) -> dict:

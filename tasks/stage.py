@@ -157,20 +157,19 @@ def materialize_input(store: ArtifactStore, raw: dict, tracking_uri: str | None 
 
 
 def execute_stage(kind: str, instance: str, config: dict, inputs: dict[str, dict], seed: int, env: dict,
-                  round: int = 1, refresh: bool = False) -> dict:
+                  round_: int = 1, refresh: bool = False) -> dict:
     """Run one stage instance: returns {name, kind, cache_key, output, metrics, mlflow_run_id, seconds, reused}.
     `refresh` recomputes even when the store already holds an output for the key."""
     from tasks import hardware
     from tasks.cachekeys import code_files, library_versions
-    from tasks.kinds import get
-
     from tasks.faults import hold_point
+    from tasks.kinds import get
 
     hold_point(f"{instance}:start")  # lets a test act once a stage has started (POSTTRAIN_HOLD_AT)
     stage_kind = get(kind)
     cfg = stage_kind.config.model_validate(config)  # parsed once; the work function gets the typed config
     run_env = RunEnv(**env)
-    key = cache_key_for(kind, {"config": config, "inputs": inputs, "seed": seed, "round": round})
+    key = cache_key_for(kind, {"config": config, "inputs": inputs, "seed": seed, "round": round_})
     area = store_area(key)
     store = ArtifactStore(run_env.storage_root)
     refs = {name: Ref.from_dict(r) for name, r in inputs.items()}
@@ -203,7 +202,7 @@ def execute_stage(kind: str, instance: str, config: dict, inputs: dict[str, dict
                 metrics = stage_kind.work(cfg, local, pending.path, ctx)
                 ctx.flush()
                 pending.metadata = {
-                    "metrics": metrics, "mlflow_run_id": run_id, "config": config, "seed": seed, "round": round,
+                    "metrics": metrics, "mlflow_run_id": run_id, "config": config, "seed": seed, "round": round_,
                     "inputs": {n: r.to_dict() for n, r in refs.items()}, "kind": kind, "instance": instance,
                     "recipe": run_env.recipe, "code": code_files(stage_kind.module), "libraries": library_versions(),
                     "committed_at": time.time(),
@@ -230,13 +229,9 @@ def execute_stage(kind: str, instance: str, config: dict, inputs: dict[str, dict
         "output": output.to_dict(),
         "metrics": metrics,
         "mlflow_run_id": run_id,
-        "seconds": round_seconds(seconds),
+        "seconds": round(seconds, 3),
         "reused": existing is not None,
     }
-
-
-def round_seconds(seconds: float) -> float:
-    return float(f"{seconds:.3f}")
 
 
 def discard_checkpoints(store: ArtifactStore, area: str, key: str) -> None:

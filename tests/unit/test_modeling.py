@@ -29,3 +29,24 @@ def test_model_references_are_told_from_stage_names(tmp_path):
         assert not modeling.is_model_reference(name), name
     assert modeling.resolve_model("org/name@v2")["revision"] == "v2"
     assert modeling.resolve_model("org/name@v2")["digest"] != modeling.resolve_model("org/name@v3")["digest"]
+
+
+def test_a_model_named_twice_in_a_run_is_resolved_and_hashed_once(tmp_path, monkeypatch):
+    from flows.config import load_config
+    from flows.graph import build_nodes
+    from flows.pipeline import node_inputs
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    cfg = load_config("configs/dpo-from-model.yaml", [f"dpo.inputs.policy={folder}", f"evaluate.inputs.base={folder}"])
+    calls = []
+    real = modeling.resolve_model
+    monkeypatch.setattr(modeling, "resolve_model", lambda ref, uri=None, digest=True: calls.append(ref) or real(ref))
+    models, outputs = {}, {"data": {"uri": "d", "digest": "d"}, "dpo": {"uri": "p", "digest": "p"}}
+    by_name = {n.name: n for n in build_nodes(cfg)}
+    first = node_inputs(cfg, by_name["dpo"], outputs, models)
+    second = node_inputs(cfg, by_name["evaluate"], outputs, models)
+    assert calls == [str(folder)] and first["policy"] == second["base"]
+    assert first["policy"]["digest"], "the run's reference carries the folder's content digest"
+    assert real(str(folder), digest=False)["digest"] == "", "pre-flight only checks it is there"
