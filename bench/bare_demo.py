@@ -36,7 +36,8 @@ def main() -> None:
     from flows.config import load_config
     from tasks import dpo
     from tasks.stage import StageContext
-    from tasks.data import DatasetSource, prepare_data, read_rows
+    from tasks.data import DatasetSource, prepare_data
+    from tasks.sources import read_rows
     from tasks.evaluate import evaluate
     from tasks.pretrain import pretrain
     from tasks.reward import train_reward

@@ -183,9 +183,9 @@ class PipelineConfig(Section):
         )
 
     def data_sources(self) -> dict[str, Any]:
-        """Every external data source the recipe reads, as {instance.kind: DatasetSource}."""
-        return {f"{name}.{kind}": src for name, inst in self.stages.items() if inst.kind == "prepare_data"
-                for kind, src in inst.sources().items()}
+        """Every external data source the recipe reads, as {instance.kind.index: DatasetSource}."""
+        return {f"{name}.{kind}.{index}": src for name, inst in self.stages.items() if inst.kind == "prepare_data"
+                for kind, sources in inst.sources().items() for index, src in enumerate(sources)}
 
 
 def expand_chain(tree: dict) -> dict:

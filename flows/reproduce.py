@@ -114,7 +114,7 @@ def read_recorded(run_id: str, tracking_uri: str, scratch: Path) -> Recorded:
 
 def check_reproducible(rec: Recorded, cfg: PipelineConfig) -> tuple[list[str], list[str]]:
     """(code problems, input problems) between the recorded run and this checkout and data."""
-    from tasks.data import source_fingerprint
+    from tasks.sources import fingerprint
 
     code = []
     recorded_source, checkout_source = rec.tags.get("posttrain.source_digest"), source_digest()
@@ -129,7 +129,7 @@ def check_reproducible(rec: Recorded, cfg: PipelineConfig) -> tuple[list[str], l
     inputs = []
     for where, src in cfg.data_sources().items():
         recorded = rec.input_digests.get(where)
-        now = source_fingerprint(src)
+        now = fingerprint(src)["digest"]
         if recorded is None or not now.startswith(recorded):
             inputs.append(f"input stages.{where} ({src.source}): digest {now[:16]} now, {recorded} recorded")
     return code, inputs

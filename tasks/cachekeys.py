@@ -15,7 +15,8 @@ from pathlib import Path
 
 from tasks.store import digest_json
 
-ML_LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "tokenizers", "accelerate")
+ML_LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "tokenizers", "accelerate", "pyarrow", "rensa",
+                "pyahocorasick")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PROJECT_PACKAGES = ("tasks",)
 # Bookkeeping: they record, move or key results; they do not compute them.

@@ -1,389 +1,599 @@
-"""`prepare_data` stage: read, normalize, validate, deduplicate, filter and split the recipe's data sets.
+"""`prepare_data` stage: read, normalize, filter, deduplicate, decontaminate, mix and split the data sets.
 
-Sources: a local path or fsspec URI (s3://...) to JSONL, JSON, Parquet or CSV; a Hugging Face data set
-name (`hf:org/name` or a name that is not a path); or `synthetic:arithmetic/<part>` for the demo.
+Each data kind (sft, preference, unpaired, eval, text) takes one source or a list of sources (a
+mixture); tasks/sources.py reads them, tasks/shapes.py maps the public data sets' shapes onto canonical
+chat rows, tasks/dedup.py finds duplicates and contamination. Sources stream in batches: no source is
+held whole in Python objects. Batches are worked on by a pool of processes (`workers`), each writing a
+columnar part; the decisions that need every row (exact and near duplicates, sampling, the split) are
+taken once over compact per-row arrays, and a second pass over the parts writes the output:
 
-Every row is normalized to the conversational shapes TRL's trainers read:
+  <kind>/train-00000.parquet ...   training rows (`eval` kind: test-*.parquet), loaded by `load_split`
+  <kind>/eval-00000.parquet ...    the held-out fraction of a training kind
+  stats.json                       every count (also the stage's MLflow metrics) and the resolved mixture
+  removed.jsonl                    a sample of the removed rows, with the reason and the row number
 
-  sft          prompt: [messages], completion: [assistant message]
-  preference   prompt: [messages], chosen: [assistant message], rejected: [assistant message]
-  unpaired     prompt: [messages], completion: [assistant message], label: bool
-  eval         prompt: [messages], reference: str | None
+Every row keeps `task` (its source's tag), `source` (index in the kind's source list) and `row` (its row
+number there): the resolved mixture, row by row, is part of the output.
+
+Order of the filters, per kind: rows that teach nothing (too long; a preference pair whose chosen equals
+rejected) -> contaminated rows (training kinds) -> exact duplicates (keep the first) -> near duplicates
+(a row that shares an LSH band with an earlier kept row) -> sampling by weight -> split.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
+import logging
+import os
+import re
+import shutil
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
+import numpy as np
 from pydantic import Field
 
 from tasks.kinds import StageKind
-from tasks.store import digest_json
+from tasks.shapes import DataError, Identical, normalize, prompt_text, row_text
 from tasks.training import Section
 
-KINDS = ("sft", "preference", "unpaired", "eval")
+logger = logging.getLogger("posttrain")
+KINDS = ("sft", "preference", "unpaired", "eval", "text")
+TRAINING_KINDS = ("sft", "preference", "unpaired", "text")
 Format = Literal["auto", "jsonl", "json", "parquet", "csv", "hf"]
-
-
-class DataError(ValueError):
-    """A data set cannot be used; the message names the source, the row and the problem."""
+BOOKKEEPING = ("task", "source", "row")
+SAMPLES_PER_REASON = 5
 
 
 class DatasetSource(Section):
     source: str = Field(description="Path, fsspec URI (s3://...), `hf:<name>` or `synthetic:arithmetic/<part>`.")
     format: Format = Field("auto", description="File format; 'auto' decides by the file extension.")
     split: str = Field("train", description="Split to read when the source is a Hugging Face data set.")
+    revision: str | None = Field(
+        None, description="Hugging Face data set revision (branch, tag or commit); resolved to a commit that keys the "
+        "cache and is recorded with the run. Default: main at the time of the run.")
     columns: dict[str, str] = Field(
         default_factory=dict, description="Rename columns before normalizing, e.g. {question: prompt}."
     )
+    weight: float = Field(
+        1.0, gt=0, description="Fraction of this source's rows kept after filtering, sampled with the recipe's seed: "
+        "0.25 keeps about a quarter, 2.0 every row twice, 1.5 every row once and about half of them again. It is not "
+        "the share of the mix: the shares that result are reported per task in stats.json and MLflow.")
+    task: str | None = Field(
+        None, description="Task tag every row of this source carries through to evaluation (per-task metrics). "
+        "Default: the file or data set name.")
+
+    def tag(self) -> str:
+        if self.task:
+            return self.task
+        name = self.source.removeprefix("hf:").rstrip("/").split("?")[0]
+        return re.sub(r"\.(jsonl|ndjson|json|parquet|csv)$", "", name.rsplit("/", 1)[-1]) or name
+
+
+Sources = DatasetSource | list[DatasetSource] | None
+
+
+class NearDedupSettings(Section):
+    enabled: bool = Field(True, description="Drop near-duplicate rows (MinHash LSH over word shingles).")
+    threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard similarity of word-shingle sets above which two "
+                             "rows count as near duplicates (LSH bands are chosen for it).")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations.")
+    shingle: int = Field(3, ge=1, le=16, description="Words per shingle.")
+    min_words: int = Field(
+        20, ge=1, description="Rows with fewer words are left to exact dedup: in a short row one word is the whole "
+        "difference ('2 + 2 = 4' and '2 + 2 = 5'), which word shingles cannot weigh.")
+
+
+class DecontaminationSettings(Section):
+    enabled: bool = Field(True, description="Drop training rows that contain an evaluation prompt (the eval data "
+                          "set and every benchmark file).")
+    benchmarks: list[DatasetSource] = Field(
+        default_factory=list, description="More evaluation sets to keep out of training (their `prompt`, or a "
+        "conversation's user turns; `columns` renames, e.g. {question: prompt}).")
+    ngram: int = Field(13, ge=1, description="n of the n-gram rule; a prompt shorter than n words must appear whole.")
+    min_words: int = Field(4, ge=1, description="Prompts with fewer words are matched only against an equal training "
+                           "prompt (a two-word n-gram would match everything).")
 
 
 class DataConfig(Section):
-    sft: DatasetSource | None = Field(None, description="Demonstrations: prompt/completion or chat `messages`.")
-    preference: DatasetSource | None = Field(None, description="Preference pairs: prompt, chosen, rejected.")
-    unpaired: DatasetSource | None = Field(None, description="Unpaired feedback: prompt, completion, label (bool).")
-    eval: DatasetSource | None = Field(
-        None, description="Held-out prompts for the evaluate stage, with an optional `reference` answer."
-    )
+    sft: Sources = Field(None, description="Demonstrations: prompt/completion, chat `messages`, alpaca, ShareGPT.")
+    preference: Sources = Field(None, description="Preference pairs: prompt, chosen, rejected (explicit or implicit "
+                                "prompt).")
+    unpaired: Sources = Field(None, description="Unpaired feedback: prompt, completion, label (bool).")
+    eval: Sources = Field(None, description="Held-out prompts for the evaluate stage, with an optional `reference`.")
+    text: Sources = Field(None, description="Plain `text` documents for (continued) pretraining.")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of each training set held out.")
-    max_chars: int = Field(4000, ge=1, description="Drop rows whose prompt plus response is longer (characters).")
+    max_chars: int = Field(4000, ge=1, description="Drop chat rows whose prompt plus replies are longer (characters).")
     dedup: bool = Field(True, description="Drop exact duplicate rows (after normalization).")
+    near_dedup: NearDedupSettings = Field(default_factory=NearDedupSettings, description="Near-duplicate removal.")
+    decontaminate: DecontaminationSettings = Field(
+        default_factory=DecontaminationSettings, description="Keep evaluation prompts out of training data.")
+    min_rows: int = Field(1, ge=1, description="Refuse a training kind whose train split ends up with fewer rows "
+                          "(after filtering, dedup and decontamination), with the counts.")
+    workers: int = Field(0, ge=0, description="Processes that normalize and hash rows (0 = one per CPU core, at "
+                         "most 8); a source of one batch is done in the stage's own process.")
+    batch_rows: int = Field(2_000, ge=1, description="Rows per unit of work handed to a worker (memory in flight "
+                            "is about 4 x workers x batch_rows rows).")
+    shard_rows: int = Field(200_000, ge=1, description="Rows per output Parquet shard.")
 
-    def sources(self) -> dict[str, DatasetSource]:
-        return {kind: getattr(self, kind) for kind in KINDS if getattr(self, kind) is not None}
-
-
-# ---- reading ---------------------------------------------------------------------------------
-
-
-def _format_of(src: DatasetSource) -> str:
-    if src.format != "auto":
-        return src.format
-    if src.source.startswith("synthetic:"):
-        return "synthetic"
-    if src.source.startswith("hf:"):
-        return "hf"
-    name = src.source.split("?")[0].lower()
-    for ext, fmt in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "json"), (".parquet", "parquet"),
-                     (".csv", "csv")):
-        if name.endswith(ext):
-            return fmt
-    if "://" in src.source or Path(src.source).exists() or src.source.startswith(("/", ".")):
-        raise DataError(f"{src.source}: cannot tell the format from the extension; set `format`")
-    return "hf"
+    def sources(self) -> dict[str, list[DatasetSource]]:
+        found = {kind: getattr(self, kind) for kind in KINDS}
+        return {kind: v if isinstance(v, list) else [v] for kind, v in found.items() if v}
 
 
-def _open_bytes(uri: str) -> bytes:
-    import fsspec
-
-    try:
-        with fsspec.open(uri, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise DataError(f"{uri}: file not found") from None
+# ---- per-batch work (in a worker process) ----------------------------------------------------
 
 
-def source_fingerprint(src: DatasetSource) -> str:
-    """Digest of what a source holds, taken before the stage runs: it goes into the stage's cache key."""
-    fmt = _format_of(src)
-    if fmt == "synthetic":
-        from tasks import synthetic
+class _Job:
+    """Everything a worker needs for one batch; plain data, so it pickles cheaply."""
 
-        part, params = synthetic.parse_source(src.source)
-        return digest_json(synthetic.generate(part, **params))
-    if fmt == "hf":
-        name = src.source.removeprefix("hf:")
-        if Path(name).exists():
-            return _path_fingerprint(Path(name))
-        return digest_json({"hf": name, "split": src.split})
-    return hashlib.sha256(_open_bytes(src.source)).hexdigest()
+    def __init__(self, kind, source_index, src, rows, part, settings, prompts_key):
+        self.kind, self.source_index, self.src, self.rows = kind, source_index, src, rows
+        self.part, self.settings, self.prompts_key = part, settings, prompts_key
 
 
-def _path_fingerprint(path: Path) -> str:
-    from tasks.store import content_digest, directory_manifest
-
-    return content_digest(directory_manifest(path)) if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+_CONTAMINATION: dict = {}
 
 
-def read_rows(src: DatasetSource) -> list[tuple[int, dict]]:
-    """(row number, record) pairs; row numbers are 1-based lines for JSONL, 1-based records otherwise."""
-    fmt = _format_of(src)
-    if fmt == "synthetic":
-        from tasks import synthetic
+def _worker_init(prompts_key, prompts, ngram, min_words):
+    from tasks.dedup import Contamination
 
-        part, params = synthetic.parse_source(src.source)
-        records = synthetic.generate(part, **params)
-    elif fmt == "hf":
-        records = _read_hf(src)
-    else:
-        raw = _open_bytes(src.source)
+    _CONTAMINATION.clear()
+    _CONTAMINATION[prompts_key] = Contamination(prompts, ngram, min_words) if prompts else None
+
+
+def process_batch(job: _Job) -> dict:
+    """Normalize one batch, drop what teaches nothing and what is contaminated, hash the rest for the
+    duplicate decisions, and write the rows as a Parquet part. Returns counts, samples and per-row arrays."""
+    import orjson
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks import dedup
+    from tasks.sources import parse_line, rename
+
+    s = job.settings
+    contamination = _CONTAMINATION.get(job.prompts_key) if job.kind in TRAINING_KINDS else None
+    where_prefix = f"{job.src['source']}: row"
+    counts = {"rows_read": len(job.rows), "too_long_removed": 0, "identical_pairs_removed": 0,
+              "contaminated_removed": 0, "multi_turn_rows": 0, "tool_rows": 0}
+    first_rows: dict[str, list[int]] = {"too_long_removed": [], "identical_pairs_removed": [], "contaminated_removed": []}
+    samples: list[dict] = []
+    kept, numbers, keys, word_lists, long_rows, prompts, chars = [], [], [], [], [], [], 0
+
+    def drop(reason: str, number: int, text: str, detail: str = ""):
+        counts[reason] += 1
+        if len(first_rows[reason]) < 10:
+            first_rows[reason].append(number)
+        if len(samples) < SAMPLES_PER_REASON * 3 and sum(x["reason"] == reason for x in samples) < SAMPLES_PER_REASON:
+            samples.append({"reason": reason, "kind": job.kind, "source": job.src["source"], "row": number,
+                            "detail": detail, "text": text[:300]})
+
+    rows = job.rows
+    if rows and isinstance(rows[0][1], bytes):
+        rows = [(number, parse_line(job.src["source"], number, line)) for number, line in rows]
+    for number, record in rename(job.src["columns"], rows):
+        where = f"{where_prefix} {number}"
         try:
-            text = raw.decode("utf-8") if fmt in ("jsonl", "json") else None
-        except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            raise DataError(f"{src.source}: line {line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        if fmt == "jsonl":
-            return _rename(src, _read_jsonl(src.source, text))
-        if fmt == "json":
-            records = _read_json(src.source, text)
-        else:
-            records = _read_table(src.source, raw, fmt)
-    return _rename(src, list(enumerate(records, start=1)))
-
-
-def _read_jsonl(name: str, text: str) -> list[tuple[int, Any]]:
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+            row = normalize(job.kind, record, where)
+        except Identical:
+            drop("identical_pairs_removed", number, json.dumps(record, ensure_ascii=False), "chosen == rejected")
             continue
-        try:
-            rows.append((number, json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{name}: line {number}: malformed JSON ({e.msg} at column {e.colno})") from None
-    return rows
+        text = row_text(row)
+        if job.kind not in ("eval", "text") and len(text) > s["max_chars"]:
+            drop("too_long_removed", number, text, f"{len(text)} characters")
+            continue
+        row_words = dedup.words(text) if (contamination or s["near"]) else None
+        if contamination is not None:
+            hit = contamination.match(row_words, dedup.words(prompt_text(row))
+                                      if contamination.short and "prompt" in row else None)
+            if hit is not None:
+                drop("contaminated_removed", number, text, f"contains {hit!r}")
+                continue
+        if job.kind == "sft" and len(row["completion"]) > 1:
+            counts["multi_turn_rows"] += 1
+        if any(m["tool_calls"] or m["role"] == "tool" for f in ("prompt", "completion", "chosen", "rejected")
+               for m in row.get(f) or ()) or row.get("tools"):
+            counts["tool_rows"] += 1
+        chars += len(text)
+        keys.append(dedup.exact_key(orjson.dumps(row, option=orjson.OPT_SORT_KEYS)))
+        if job.kind == "eval":
+            prompts.append(prompt_text(row))
+        if s["near"] and job.kind != "eval" and len(row_words) >= s["near"]["min_words"]:
+            word_lists.append(row_words)
+            long_rows.append(len(kept))
+        row["task"], row["source"], row["row"] = job.src["tag"], job.source_index, number
+        kept.append(row)
+        numbers.append(number)
+    if kept:
+        pq.write_table(pa.Table.from_pylist(kept, schema=schema(job.kind)), job.part)
+    keys = np.array(keys, dtype=np.uint64)
+    near, bands = s["near"], None
+    if near and job.kind != "eval" and kept:
+        # rows too short for near dedup get band values of their own (their exact key, mixed per band)
+        bands = np.stack([_uniform_bits(keys, band + 1) for band in range(near["bands"])], axis=1)
+        if word_lists:
+            bands[long_rows] = dedup.band_hashes(word_lists, near["num_perm"], near["bands"], near["rows"],
+                                                 near["shingle"], s["seed"])
+    return {"counts": counts, "first_rows": first_rows, "samples": samples, "chars": chars, "keys": keys, "numbers": np.array(numbers, dtype=np.int64),
+            "bands": bands, "prompts": prompts, "part": job.part if kept else None, "source": job.source_index}
 
 
-def _read_json(name: str, text: str) -> list:
+def schema(kind: str, tools: bool = True):
+    """A kind's columns; without `tools`, messages are plain {role, content} (what every chat template reads)."""
+    import pyarrow as pa
+
+    call = pa.struct([("type", pa.string()),
+                      ("function", pa.struct([("name", pa.string()), ("arguments", pa.string())]))])
+    message = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())] + (
+        [("tool_calls", pa.list_(call)), ("tool_call_id", pa.string()), ("name", pa.string())] if tools else [])))
+    fields = {
+        "sft": [("prompt", message), ("completion", message), ("tools", pa.string())],
+        "preference": [("prompt", message), ("chosen", message), ("rejected", message), ("tools", pa.string())],
+        "unpaired": [("prompt", message), ("completion", message), ("label", pa.bool_())],
+        "eval": [("prompt", message), ("reference", pa.string())],
+        "text": [("text", pa.string())],
+    }[kind]
+    fields = [f for f in fields if tools or f[0] != "tools"]
+    return pa.schema(fields + [("task", pa.string()), ("source", pa.int32()), ("row", pa.int64())])
+
+
+# ---- the whole-kind decisions and the output ---------------------------------------------------
+
+
+def _uniform_bits(keys: np.ndarray, salt: int) -> np.ndarray:
+    """64 random-looking bits per key, fixed by (key, salt): splitmix64 of both."""
+    with np.errstate(over="ignore"):
+        x = keys.astype(np.uint64) ^ np.uint64((salt * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def _uniform(keys: np.ndarray, salt: int) -> np.ndarray:
+    """A uniform number in [0, 1) per key, fixed by (key, salt)."""
+    return (_uniform_bits(keys, salt) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+class _Pool:
+    """Batches to worker processes with a bounded number in flight (memory stays bounded), results in
+    order; a source of a single batch is done in this process."""
+
+    def __init__(self, workers: int, init_args: tuple):
+        self.workers, self.init_args, self.executor = workers, init_args, None
+        _worker_init(*init_args)
+
+    def map(self, jobs):
+        jobs = iter(jobs)
+        first = next(jobs, None)
+        if first is None:
+            return
+        second = next(jobs, None)
+        if second is None or self.workers <= 1:
+            yield process_batch(first)
+            if second is not None:
+                yield process_batch(second)
+                for job in jobs:
+                    yield process_batch(job)
+            return
+        if self.executor is None:
+            import multiprocessing
+
+            self.executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_worker_init, initargs=self.init_args)
+        pending = [self.executor.submit(process_batch, first), self.executor.submit(process_batch, second)]
+        for job in jobs:
+            if len(pending) >= 2 * self.workers:
+                yield pending.pop(0).result()
+            pending.append(self.executor.submit(process_batch, job))
+        for future in pending:
+            yield future.result()
+
+    def close(self):
+        if self.executor is not None:
+            self.executor.shutdown(cancel_futures=True)
+
+
+def _workers(cfg: DataConfig) -> int:
+    return cfg.workers or min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(), 8)
+
+
+def prepare_data(cfg: DataConfig, out: Path, seed: int, revisions: dict[str, str] | None = None) -> dict[str, float]:
+    """Write the prepared kinds (see the module docstring) into `out`; returns the flat stats as metrics.
+    `revisions` pins Hub sources (by "<kind>.<index>") to the commits their fingerprints resolved."""
+    from tasks.dedup import lsh_shape
+    from tasks.sources import read_batches
+
+    if not cfg.sources():
+        raise DataError("data: no data set configured (set data.sft, data.preference, data.unpaired, data.eval or "
+                        "data.text)")
+    revisions = revisions or {}
+    near = None
+    if cfg.near_dedup.enabled:
+        bands, rows = lsh_shape(cfg.near_dedup.threshold, cfg.near_dedup.num_perm)
+        near = {"num_perm": cfg.near_dedup.num_perm, "bands": bands, "rows": rows, "shingle": cfg.near_dedup.shingle,
+                "min_words": cfg.near_dedup.min_words}
+    settings = {"max_chars": cfg.max_chars, "near": near, "seed": seed}
+    scratch = out / ".parts"
+    scratch.mkdir(parents=True, exist_ok=True)
+    sources = cfg.sources()
+    order = [k for k in ("eval", *TRAINING_KINDS) if k in sources]
+    stats: dict[str, dict] = {}
+    removed: list[dict] = []
+    prompts: list[str] = []
+    pool = None
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{name}: malformed JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-        data = next(iter(data.values()))
-    if not isinstance(data, list):
-        raise DataError(f"{name}: expected a JSON array of records (or one key holding such an array)")
-    return data
+        for kind in order:
+            if kind != "eval" and pool is None:
+                if cfg.decontaminate.enabled:
+                    prompts += _benchmark_prompts(cfg.decontaminate.benchmarks)
+                init = ("prompts", prompts if cfg.decontaminate.enabled else [], cfg.decontaminate.ngram,
+                        cfg.decontaminate.min_words)
+                pool = _Pool(_workers(cfg), init)
+            runner = pool or _Pool(1, ("none", [], 13, 4))
+
+            def jobs(kind=kind):
+                part = 0
+                for index, src in enumerate(sources[kind]):
+                    src_dict = {"source": src.source, "tag": src.tag(), "columns": src.columns}
+                    for batch in read_batches(src, revisions.get(f"{kind}.{index}"), cfg.batch_rows,
+                                              raw_lines=True):
+                        yield _Job(kind, index, src_dict, batch, str(scratch / f"{kind}-{part:06d}.parquet"),
+                                   settings, "prompts")
+                        part += 1
+
+            stats[kind], kind_prompts = _prepare_kind(kind, sources[kind], runner.map(jobs()), cfg, out, seed,
+                                                      removed)
+            if kind == "eval":
+                prompts += kind_prompts
+    finally:
+        if pool is not None:
+            pool.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    with open(out / "removed.jsonl", "w", encoding="utf-8") as f:
+        for sample in removed:
+            f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+    (out / "stats.json").write_text(json.dumps(stats, indent=2))
+    return flat_metrics(stats)
 
 
-def _read_table(name: str, raw: bytes, fmt: str) -> list[dict]:
-    import pandas as pd
-
-    try:
-        frame = pd.read_parquet(io.BytesIO(raw)) if fmt == "parquet" else pd.read_csv(io.BytesIO(raw))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{name}: not valid UTF-8 ({e.reason})") from None
-    except Exception as e:  # pyarrow and pandas raise many types for unreadable files
-        raise DataError(f"{name}: cannot read as {fmt}: {e}") from None
-    return [_to_plain(r) for r in frame.to_dict(orient="records")]
-
-
-def _to_plain(value):
-    if hasattr(value, "tolist"):
-        return _to_plain(value.tolist())
-    if isinstance(value, dict):
-        return {k: _to_plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_to_plain(v) for v in value]
-    if isinstance(value, float) and value != value:  # NaN from an empty CSV cell
-        return None
-    return value
+def flat_metrics(stats: dict) -> dict[str, float]:
+    metrics = {}
+    for kind, s in stats.items():
+        for key, value in s.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics[f"{kind}/{key}"] = float(value)
+        for task, share in s.get("mixture_shares", {}).items():
+            metrics[f"{kind}/mix/{_metric_name(task)}"] = float(share)
+    return metrics
 
 
-def _read_hf(src: DatasetSource) -> list[dict]:
+def _metric_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\- ]", "_", text)
+
+
+def _benchmark_prompts(benchmarks: list[DatasetSource]) -> list[str]:
+    from tasks.sources import read_batches
+
+    prompts = []
+    for bench in benchmarks:
+        for batch in read_batches(bench):
+            for number, record in batch:
+                prompts.append(prompt_text(normalize("eval", record, f"{bench.source}: row {number}")))
+    return prompts
+
+
+def _prepare_kind(kind, sources, results, cfg: DataConfig, out: Path, seed: int, removed: list) -> tuple[dict, list]:
+    per_source = [dict(source=s.source, task=s.tag(), weight=s.weight, rows_read=0, too_long_removed=0,
+                       identical_pairs_removed=0, contaminated_removed=0) for s in sources]
+    totals = {"rows_read": 0, "too_long_removed": 0, "identical_pairs_removed": 0, "contaminated_removed": 0,
+              "multi_turn_rows": 0, "tool_rows": 0}
+    first_rows = {k: [] for k in ("too_long_removed", "identical_pairs_removed", "contaminated_removed")}
+    parts, keys, numbers, source_of, bands, prompts, chars = [], [], [], [], [], [], 0
+    for result in results:
+        counts = result["counts"]
+        for k in totals:
+            totals[k] += counts[k]
+        for k, rows in result["first_rows"].items():
+            first_rows[k] = (first_rows[k] + rows)[:10]
+        removed.extend(x for x in result["samples"]
+                       if sum(r["reason"] == x["reason"] and r["kind"] == kind for r in removed) < SAMPLES_PER_REASON)
+        chars += result["chars"]
+        prompts += result["prompts"]
+        if result["part"]:
+            parts.append((result["part"], len(result["keys"])))
+            keys.append(result["keys"])
+            numbers.append(result["numbers"])
+            if result["bands"] is not None:
+                bands.append(result["bands"])
+        source_of.append(np.full(len(result["keys"]), result["source"], dtype=np.int32))
+        for k in ("rows_read", "too_long_removed", "identical_pairs_removed", "contaminated_removed"):
+            per_source[result["source"]][k] += counts[k]
+    if totals["rows_read"] == 0:
+        raise DataError(f"{', '.join(s.source for s in sources)}: the data set is empty")
+    keys_all = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+    numbers_all = np.concatenate(numbers) if numbers else np.zeros(0, np.int64)
+    sources_all = np.concatenate(source_of) if source_of else np.zeros(0, np.int32)
+    n = len(keys_all)
+
+    keep = np.ones(n, dtype=bool)
+    if cfg.dedup and n:
+        _, first = np.unique(keys_all, return_index=True)
+        keep[:] = False
+        keep[first] = True
+    duplicates = int(n - keep.sum())
+    near_removed = 0
+    if bands and keep.any():
+        from tasks.dedup import near_duplicates
+
+        candidates = np.flatnonzero(keep)
+        dup = near_duplicates(np.concatenate(bands), candidates)
+        keep[candidates[dup]] = False
+        near_removed = int(dup.sum())
+
+    copies = keep.astype(np.int64)
+    for index, src in enumerate(sources):
+        if src.weight != 1.0:
+            mine = keep & (sources_all == index)
+            u = _uniform(numbers_all[mine].astype(np.uint64), seed * 1_000_003 + index + 1)
+            copies[mine] = np.floor(src.weight).astype(np.int64) + (u < src.weight % 1.0)
+    if kind == "eval":
+        goes_to_eval = np.zeros(n, dtype=bool)
+    else:
+        goes_to_eval = _uniform(keys_all, seed) < cfg.eval_fraction
+
+    splits = {"test": copies} if kind == "eval" else {"train": np.where(goes_to_eval, 0, copies),
+                                                      "eval": np.where(goes_to_eval, copies, 0)}
+    counts = {split: int(c.sum()) for split, c in splits.items()}
+    reasons = (f"{totals['rows_read']} read, {totals['too_long_removed']} longer than data.max_chars={cfg.max_chars}, "
+               f"{totals['identical_pairs_removed']} pairs with chosen == rejected, {totals['contaminated_removed']} "
+               f"contaminated, {duplicates} exact and {near_removed} near duplicates")
+    main_split = "test" if kind == "eval" else "train"
+    if counts[main_split] == 0 and int(copies.sum()) > 0:
+        raise DataError(f"{kind}: every row went to the eval split; lower data.eval_fraction ({reasons})")
+    minimum = 1 if kind == "eval" else cfg.min_rows
+    if counts[main_split] < minimum:
+        raise DataError(f"{kind} ({', '.join(s.source for s in sources)}): {counts[main_split]} {main_split} rows "
+                        f"left, fewer than data.min_rows={minimum} ({reasons})")
+    _write_splits(out / kind, parts, splits, cfg.shard_rows, schema(kind, tools=totals["tool_rows"] > 0))
+
+    for index, s in enumerate(per_source):
+        mine = sources_all == index
+        s["rows_kept"] = int(keep[mine].sum())
+        s["rows_in_mix"] = int(copies[mine].sum())
+    total_in_mix = max(1, int(copies.sum()))
+    shares: dict[str, float] = {}
+    for s in per_source:
+        shares[s["task"]] = shares.get(s["task"], 0.0) + s["rows_in_mix"] / total_in_mix
+    stats = {**totals, "duplicates_removed": duplicates, "near_duplicates_removed": near_removed,
+             **{f"{split}_rows": c for split, c in counts.items()},
+             "mean_chars": chars / max(1, int(sum(c for _, c in parts))),
+             "first_rows_removed": first_rows, "sources": per_source, "mixture_shares": shares}
+    logger.info("[prepare_data] %s: %s; %s", kind, reasons,
+                ", ".join(f"{split} {c}" for split, c in counts.items()))
+    for reason, rows in first_rows.items():
+        if rows:
+            logger.info("[prepare_data] %s: %s at rows %s", kind, reason.replace("_", " "),
+                        ", ".join(map(str, rows)))
+    return stats, prompts
+
+
+def _write_splits(folder: Path, parts: list[tuple[str, int]], splits: dict[str, np.ndarray], shard_rows: int,
+                  target) -> None:
+    """Second pass: each part's rows, repeated by their copy count, into the split's Parquet shards."""
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    writers = {split: _ShardWriter(folder, split, shard_rows) for split in splits}
+    start = 0
+    for path, length in parts:
+        table = pq.read_table(path).select(target.names).cast(target)
+        for split, copies in splits.items():
+            mine = copies[start: start + length]
+            if mine.any():
+                writers[split].write(table.take(np.repeat(np.arange(length), mine)))
+        start += length
+    for writer in writers.values():
+        writer.close()
+
+
+class _ShardWriter:
+    def __init__(self, folder: Path, split: str, shard_rows: int):
+        self.folder, self.split, self.shard_rows = folder, split, shard_rows
+        self.writer, self.rows, self.shard = None, 0, 0
+
+    def write(self, table) -> None:
+        import pyarrow.parquet as pq
+
+        while table.num_rows:
+            if self.writer is None:
+                path = self.folder / f"{self.split}-{self.shard:05d}.parquet"
+                self.writer = pq.ParquetWriter(path, table.schema)
+            room = self.shard_rows - self.rows
+            self.writer.write_table(table.slice(0, room))
+            self.rows += min(room, table.num_rows)
+            table = table.slice(room)
+            if self.rows >= self.shard_rows:
+                self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer, self.rows, self.shard = None, 0, self.shard + 1
+
+
+# ---- reading prepared data -------------------------------------------------------------------
+
+
+def split_files(data_dir: Path, kind: str, split: str) -> list[Path]:
+    return sorted((Path(data_dir) / kind).glob(f"{split}-*.parquet"))
+
+
+def load_split(data_dir: Path, kind: str, split: str, keep_tags: bool = False):
+    """A prepared split as a datasets.Dataset (Arrow, memory-mapped), or None when there is none. The
+    bookkeeping columns (source, row; and task unless `keep_tags`) are left out."""
     import datasets
 
-    name = src.source.removeprefix("hf:")
-    try:
-        if Path(name).is_dir() and (Path(name) / "dataset_info.json").exists():
-            ds = datasets.load_from_disk(name)
-            ds = ds[src.split] if isinstance(ds, datasets.DatasetDict) else ds
-        else:
-            ds = datasets.load_dataset(name, split=src.split)
-    except Exception as e:
-        raise DataError(f"{src.source}: cannot load Hugging Face data set: {e}") from None
-    return [_to_plain(r) for r in ds]
-
-
-def _rename(src: DatasetSource, rows: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
-    if not src.columns:
-        return rows
-    return [(n, {src.columns.get(k, k): v for k, v in r.items()} if isinstance(r, dict) else r) for n, r in rows]
-
-
-# ---- normalizing -----------------------------------------------------------------------------
-
-
-def _text(record: dict, field: str, where: str, allow_empty: bool = False) -> str:
-    if field not in record or record[field] is None:
-        raise DataError(f"{where}: field '{field}' is missing")
-    value = record[field]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
-    if not value.strip() and not allow_empty:
-        raise DataError(f"{where}: field '{field}' is empty")
-    return value
-
-
-def _messages(value, field: str, where: str) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: field '{field}' must be a non-empty list of messages")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: {field}[{i}] must be an object with string 'role' and 'content'")
-        if m["role"] not in ("system", "user", "assistant"):
-            raise DataError(f"{where}: {field}[{i}] has unknown role {m['role']!r}")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
-
-
-def _prompt(record: dict, where: str) -> list[dict]:
-    value = record.get("prompt")
-    if isinstance(value, list):
-        return _messages(value, "prompt", where)
-    return [{"role": "user", "content": _text(record, "prompt", where)}]
-
-
-def _reply(record: dict, field: str, where: str, allow_empty: bool = False) -> list[dict]:
-    value = record.get(field)
-    if isinstance(value, list):
-        msgs = _messages(value, field, where)
-        if msgs[-1]["role"] != "assistant":
-            raise DataError(f"{where}: field '{field}' must end with an assistant message")
-        return msgs
-    return [{"role": "assistant", "content": _text(record, field, where, allow_empty)}]
-
-
-def normalize(kind: str, record: Any, where: str) -> dict:
-    """One record in its canonical shape, or a DataError naming the row and field."""
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected an object, got {type(record).__name__}")
-    if kind == "sft":
-        if "messages" in record and "prompt" not in record:
-            msgs = _messages(record["messages"], "messages", where)
-            last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
-            if last is None or last == 0:
-                raise DataError(f"{where}: field 'messages' needs a user turn followed by an assistant turn")
-            return {"prompt": msgs[:last], "completion": [msgs[last]]}
-        return {"prompt": _prompt(record, where), "completion": _reply(record, "completion", where)}
-    if kind == "preference":
-        return {  # an empty rejected reply is real data: a model that says nothing, ranked below an answer
-            "prompt": _prompt(record, where),
-            "chosen": _reply(record, "chosen", where),
-            "rejected": _reply(record, "rejected", where, allow_empty=True),
-        }
-    if kind == "unpaired":
-        label = record.get("label")
-        if isinstance(label, str) and label.lower() in ("true", "false", "1", "0"):
-            label = label.lower() in ("true", "1")
-        elif isinstance(label, int) and label in (0, 1):
-            label = bool(label)
-        if not isinstance(label, bool):
-            raise DataError(f"{where}: field 'label' must be a boolean (true = desirable), got {label!r}")
-        return {"prompt": _prompt(record, where), "completion": _reply(record, "completion", where), "label": label}
-    if kind == "eval":
-        reference = record.get("reference")
-        if reference is not None and not isinstance(reference, (str, int, float)):
-            raise DataError(f"{where}: field 'reference' must be a string, got {type(reference).__name__}")
-        return {"prompt": _prompt(record, where), "reference": None if reference is None else str(reference)}
-    raise ValueError(f"unknown data kind {kind}")
-
-
-def _chars(row: dict) -> int:
-    return sum(len(m["content"]) for field in ("prompt", "completion", "chosen", "rejected") for m in row.get(field, []))
-
-
-def _goes_to_eval(row: dict, seed: int, fraction: float) -> bool:
-    """Split by a hash of the row itself: stable when other rows are added or removed."""
-    h = hashlib.sha256(f"{seed}:{json.dumps(row, sort_keys=True)}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2**64 < fraction
-
-
-def prepare_data(cfg: DataConfig, out: Path, seed: int) -> dict[str, float]:
-    """Write <kind>/train.jsonl and <kind>/eval.jsonl per configured data set, plus stats.json."""
-    if not cfg.sources():
-        raise DataError("data: no data set configured (set data.sft, data.preference, data.unpaired or data.eval)")
-    stats: dict[str, dict] = {}
-    for kind, src in cfg.sources().items():
-        rows_in = read_rows(src)
-        if not rows_in:
-            raise DataError(f"{src.source}: the data set is empty")
-        seen: set[str] = set()
-        kept, duplicates, too_long = [], 0, 0
-        for number, record in rows_in:
-            row = normalize(kind, record, f"{src.source}: row {number}")
-            if kind != "eval" and _chars(row) > cfg.max_chars:
-                too_long += 1
-                continue
-            fingerprint = json.dumps(row, sort_keys=True)
-            if cfg.dedup and fingerprint in seen:
-                duplicates += 1
-                continue
-            seen.add(fingerprint)
-            kept.append(row)
-        if not kept:
-            raise DataError(
-                f"{src.source}: no usable rows left ({len(rows_in)} read, {duplicates} duplicates, "
-                f"{too_long} longer than data.max_chars={cfg.max_chars})"
-            )
-        if kind == "eval":
-            splits = {"test": kept}
-        else:
-            splits = {"train": [], "eval": []}
-            for row in kept:
-                splits["eval" if _goes_to_eval(row, seed, cfg.eval_fraction) else "train"].append(row)
-            if not splits["train"]:
-                raise DataError(f"{src.source}: every row went to the eval split; lower data.eval_fraction")
-        (out / kind).mkdir(parents=True, exist_ok=True)
-        for split, rows in splits.items():
-            with open(out / kind / f"{split}.jsonl", "w", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        stats[kind] = {
-            "source": src.source,
-            "rows_read": len(rows_in),
-            "duplicates_removed": duplicates,
-            "too_long_removed": too_long,
-            **{f"{split}_rows": len(rows) for split, rows in splits.items()},
-            "mean_chars": sum(map(_chars, kept)) / len(kept),
-        }
-    (out / "stats.json").write_text(json.dumps(stats, indent=2))
-    return {f"{kind}/{k}": float(v) for kind, s in stats.items() for k, v in s.items() if isinstance(v, (int, float))}
-
-
-def load_split(data_dir: Path, kind: str, split: str):
-    """A prepared split as a datasets.Dataset (empty file -> None)."""
-    from datasets import Dataset
-
-    path = data_dir / kind / f"{split}.jsonl"
-    if not path.exists():
+    files = split_files(data_dir, kind, split)
+    if not files:
         return None
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return Dataset.from_list(rows) if rows else None
+    quiet = datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()  # a bar per load says nothing the stage's own lines do not
+    try:
+        ds = datasets.Dataset.from_parquet([str(f) for f in files])
+    finally:
+        if not quiet:
+            datasets.utils.enable_progress_bars()
+    if len(ds) == 0:
+        return None
+    return ds.remove_columns([c for c in BOOKKEEPING if c in ds.column_names and not (keep_tags and c == "task")])
 
 
 # ---- stage kind ------------------------------------------------------------------------------
 
 
 def _work(cfg: DataConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
-    metrics = prepare_data(cfg, out, ctx.seed)
     from tasks import tracking
-    from tasks.store import sha256_file
 
-    for path in sorted(out.glob("*/*.jsonl")):
-        tracking.log_dataset(ctx.env.tracking_uri, ctx.run_id, path, f"{path.parent.name}-{path.stem}",
-                             sha256_file(path), context=path.stem)
+    revisions = {name: ref["revision"] for name, ref in inputs.items() if isinstance(ref, dict) and ref.get("revision")}
+    metrics = prepare_data(cfg, out, ctx.seed, revisions)
+    stats = json.loads((out / "stats.json").read_text())
+    for kind, kind_stats in stats.items():
+        for split in ("train", "eval", "test"):
+            files = split_files(out, kind, split)
+            if files:
+                tracking.log_dataset(ctx.env.tracking_uri, ctx.run_id, files, f"{kind}-{split}",
+                                     kind_stats[f"{split}_rows"], context=split)
+    for name in ("stats.json", "removed.jsonl"):
+        tracking.log_artifact(ctx.env.tracking_uri, ctx.run_id, out / name, "data")
     return metrics
 
 
 def source_refs(cfg: DataConfig) -> dict[str, dict]:
-    """The recipe's data sources as stage inputs: their fingerprints key the prepare_data stage."""
-    return {kind: {"uri": src.source, "digest": source_fingerprint(src), "kind": "source"}
-            for kind, src in cfg.sources().items()}
+    """The recipe's data sources as stage inputs ("<kind>.<index>"): their fingerprints key the stage, and a
+    Hub data set's resolved commit travels with them so the run reads exactly that commit."""
+    from tasks.sources import fingerprint
+
+    refs = {}
+    for kind, sources in cfg.sources().items():
+        for index, src in enumerate(sources):
+            refs[f"{kind}.{index}"] = {"uri": src.source, **fingerprint(src), "kind": "source"}
+    for index, src in enumerate(cfg.decontaminate.benchmarks if cfg.decontaminate.enabled else ()):
+        refs[f"benchmark.{index}"] = {"uri": src.source, **fingerprint(src), "kind": "source"}
+    return refs
 
 
 KIND = StageKind(
     name="prepare_data",
-    description="Read, normalize, validate, deduplicate and split the data sets it names.",
+    description="Read, normalize, filter, deduplicate (exact and near), decontaminate, mix and split the data sets "
+    "it names.",
     config=DataConfig,
     inputs={},
     output="data",
     work=_work,
-    headline=("sft/train_rows", "preference/train_rows", "unpaired/train_rows", "eval/test_rows"),
+    headline=("sft/train_rows", "preference/train_rows", "unpaired/train_rows", "eval/test_rows", "text/train_rows"),
     provides=lambda cfg: set(cfg.sources()),
     source_inputs=source_refs,
 )

@@ -78,7 +78,8 @@ def pretrain(cfg: PretrainConfig, texts: list[str], out: Path, seed: int, callba
 
 
 def _train(cfg: PretrainConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
-    from tasks.data import DatasetSource, read_rows
+    from tasks.data import DatasetSource
+    from tasks.sources import read_rows
 
     texts = [row["text"] for _, row in read_rows(DatasetSource(source=cfg.corpus)) if row.get("text")]
     if not texts:
@@ -105,7 +106,7 @@ KIND = StageKind(
 
 
 def _corpus_ref(cfg: PretrainConfig) -> dict[str, dict]:
-    from tasks.data import DatasetSource, source_fingerprint
+    from tasks.data import DatasetSource
+    from tasks.sources import fingerprint
 
-    return {"corpus": {"uri": cfg.corpus, "digest": source_fingerprint(DatasetSource(source=cfg.corpus)),
-                       "kind": "source"}}
+    return {"corpus": {"uri": cfg.corpus, **fingerprint(DatasetSource(source=cfg.corpus)), "kind": "source"}}

@@ -67,11 +67,14 @@ def _work(cfg: SFTStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]
 
 def log_training_split(ctx, data: Path, kind: str) -> None:
     """Record the split a stage trains on as an MLflow dataset input of the stage's run."""
-    from tasks import tracking
-    from tasks.store import sha256_file
+    import json
 
-    path = data / kind / "train.jsonl"
-    tracking.log_dataset(ctx.env.tracking_uri, ctx.run_id, path, f"{kind}-train", sha256_file(path), "training")
+    from tasks import tracking
+    from tasks.data import split_files
+
+    rows = json.loads((data / "stats.json").read_text())[kind]["train_rows"]
+    tracking.log_dataset(ctx.env.tracking_uri, ctx.run_id, split_files(data, kind, "train"), f"{kind}-train", rows,
+                         "training")
 
 
 KIND = StageKind(

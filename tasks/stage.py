@@ -144,10 +144,10 @@ def cache_key_for(kind: str, parameters: dict) -> str:
 
 
 def materialize_input(store: ArtifactStore, raw: dict, tracking_uri: str | None = None) -> Path | str:
-    """A stage output from the store as a verified local folder; a data source as its URI; an external
-    model as a local folder or Hub id."""
+    """A stage output from the store as a verified local folder; a data source as its reference (uri,
+    digest, resolved revision); an external model as a local folder or Hub id."""
     if raw.get("kind") == "source":
-        return raw["uri"]
+        return dict(raw)
     ref = Ref.from_dict(raw)
     if ref.uri.startswith(store.root_uri + "/"):
         return store.materialize(ref)

@@ -196,26 +196,47 @@ def log_model_folder(env, run_id: str, folder: Path, artifact_path: str) -> None
         set_tags(env.tracking_uri, run_id, {f"posttrain.model.{artifact_path}": "by-reference (see output_uri)"})
 
 
-def log_dataset(tracking_uri: str, run_id: str, path: Path, name: str, digest: str, context: str) -> None:
-    """Record a prepared split as an MLflow dataset input (source, digest, schema, row count)."""
-    import mlflow.data
-    import pandas as pd
+def log_artifact(tracking_uri: str, run_id: str, path: Path, artifact_path: str) -> None:
+    client(tracking_uri).log_artifact(run_id, str(path), artifact_path)
+
+
+def log_dataset(tracking_uri: str, run_id: str, files: list[Path], name: str, rows: int, context: str) -> None:
+    """Record a prepared split (Parquet shards) as an MLflow dataset input: source, digest, schema and row
+    count, read from the shards' metadata and a sample; the rows themselves are never loaded."""
+    import pyarrow.parquet as pq
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import InputTag
+    from mlflow.types.utils import _infer_schema
 
-    frame = pd.read_json(path, lines=True)
-    for column in frame.columns:  # nested chat messages become JSON text for the schema
-        if frame[column].map(lambda v: isinstance(v, (list, dict))).any():
-            frame[column] = frame[column].map(json.dumps)
-    dataset = mlflow.data.from_pandas(frame, source=str(path), name=name, digest=digest[:36])
-    client(tracking_uri).log_inputs(
-        run_id, datasets=[_dataset_input(dataset, InputTag(key="mlflow.data.context", value=context))]
-    )
+    from tasks.sources import file_digest
+    from tasks.store import digest_json
+
+    sample = pq.ParquetFile(files[0]).read_row_group(0).slice(0, 100).to_pandas()
+    for column in sample.columns:  # nested chat messages become JSON text for the schema
+        if sample[column].map(lambda v: hasattr(v, "__len__") and not isinstance(v, str)).any():
+            sample[column] = sample[column].map(lambda v: json.dumps(_plain(v)))
+    digest = digest_json([file_digest(Path(f)) for f in files])
+    source = resolve_dataset_source(str(Path(files[0]).parent))
+    dataset = MetaDataset(source=source, name=name, digest=digest[:36], schema=_infer_schema(sample))
+    client(tracking_uri).log_inputs(run_id, datasets=[_dataset_input(dataset, [
+        InputTag(key="mlflow.data.context", value=context), InputTag(key="posttrain.rows", value=str(rows))])])
 
 
-def _dataset_input(dataset, tag):
+def _plain(value):
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _dataset_input(dataset, tags):
     from mlflow.entities import DatasetInput
 
-    return DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[tag])
+    return DatasetInput(dataset=dataset._to_mlflow_entity(), tags=tags)
 
 
 def end_run(tracking_uri: str, run_id: str, failed: bool = False, error: str | None = None) -> None:

@@ -1,0 +1,324 @@
+"""Reading a data source as a stream of row batches, and fingerprinting it without reading it twice.
+
+A source is a local path or fsspec URI (s3://...) to JSONL, JSON, Parquet or CSV; a Hugging Face data set
+(`hf:org/name`, or a `save_to_disk` folder); or `synthetic:arithmetic/<part>` for the demo. JSONL, Parquet,
+CSV and Hugging Face data sets stream in batches; a JSON array file is parsed whole (use JSONL or Parquet
+for big data).
+
+Fingerprints (the source's part of the prepare_data cache key) come from metadata that changes when the
+content does: a local file's SHA-256, computed once and remembered by path, size and modification time
+(as git's index does); an object store's ETag or version id; a Hub data set's resolved commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import sqlite3
+from pathlib import Path
+from typing import Any, Iterator
+
+from tasks.shapes import DataError
+
+logger = logging.getLogger("posttrain")
+BATCH_ROWS = 2_000
+FILE_FORMATS = ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "json"), (".parquet", "parquet"),
+                (".csv", "csv"))
+
+
+def format_of(source: str, declared: str = "auto") -> str:
+    if declared != "auto":
+        return declared
+    if source.startswith("synthetic:"):
+        return "synthetic"
+    if source.startswith("hf:"):
+        return "hf"
+    name = source.split("?")[0].lower()
+    for ext, fmt in FILE_FORMATS:
+        if name.endswith(ext):
+            return fmt
+    if "://" in source or Path(source).exists() or source.startswith(("/", ".")):
+        raise DataError(f"{source}: cannot tell the format from the extension; set `format`")
+    return "hf"
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+
+def read_batches(src, revision: str | None = None, batch_rows: int = BATCH_ROWS,
+                 raw_lines: bool = False) -> Iterator[list[tuple[int, Any]]]:
+    """Batches of (row number, record): 1-based lines for JSONL, 1-based records otherwise. `revision` pins
+    a Hub data set to the commit its fingerprint resolved. With `raw_lines`, a JSONL source yields its lines
+    as bytes, unparsed and not renamed (`parse_line` and `rename` do that where the work is spread out)."""
+    fmt = format_of(src.source, src.format)
+    if fmt == "synthetic":
+        from tasks import synthetic
+
+        part, params = synthetic.parse_source(src.source)
+        batches = _chunks(enumerate(synthetic.generate(part, **params), start=1), batch_rows)
+    elif fmt == "hf":
+        batches = _hf_batches(src, revision, batch_rows)
+    elif fmt == "jsonl":
+        batches = _jsonl_batches(src.source, batch_rows, raw_lines)
+        if raw_lines:
+            yield from batches
+            return
+    elif fmt == "json":
+        batches = _chunks(enumerate(_read_json(src.source), start=1), batch_rows)
+    elif fmt == "parquet":
+        batches = _parquet_batches(src.source, batch_rows)
+    else:
+        batches = _csv_batches(src.source, batch_rows)
+    for batch in batches:
+        yield rename(src.columns, batch)
+
+
+def read_rows(src) -> list[tuple[int, Any]]:
+    """Every row of a small source at once (tests, the pretrain corpus)."""
+    return [row for batch in read_batches(src) for row in batch]
+
+
+def _chunks(rows, size: int):
+    batch = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _open(uri: str, mode: str = "rb"):
+    import fsspec
+
+    try:
+        return fsspec.open(uri, mode).open()
+    except FileNotFoundError:
+        raise DataError(f"{uri}: file not found") from None
+
+
+def _jsonl_batches(uri: str, batch_rows: int, raw_lines: bool):
+    batch = []
+    with _open(uri) as f:
+        for number, line in enumerate(f, start=1):
+            if number == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]  # a UTF-8 byte-order mark, as Windows editors write
+            if not line.strip():
+                continue
+            batch.append((number, line if raw_lines else parse_line(uri, number, line)))
+            if len(batch) == batch_rows:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def parse_line(uri: str, number: int, line: bytes):
+    """One JSONL line (CRLF line ends are whitespace to JSON); errors name the file and line."""
+    import orjson
+
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError as e:
+        raise _line_error(uri, number, line, e) from None
+
+
+def _line_error(uri: str, number: int, line: bytes, error) -> DataError:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return DataError(f"{uri}: line {number}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)")
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        return DataError(f"{uri}: line {number}: malformed JSON ({e.msg} at column {e.colno})")
+    return DataError(f"{uri}: line {number}: malformed JSON ({error})")
+
+
+def _read_json(uri: str) -> list:
+    with _open(uri) as f:
+        raw = f.read()
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{uri}: line {line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{uri}: malformed JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))
+    if not isinstance(data, list):
+        raise DataError(f"{uri}: expected a JSON array of records (or one key holding such an array)")
+    return data
+
+
+def _parquet_batches(uri: str, batch_rows: int):
+    import pyarrow.parquet as pq
+
+    with _open(uri) as f:
+        try:
+            reader = pq.ParquetFile(f)
+        except Exception as e:  # pyarrow raises several types for an unreadable file
+            raise DataError(f"{uri}: cannot read as parquet: {e}") from None
+        number = 1
+        for record_batch in reader.iter_batches(batch_size=batch_rows):
+            rows = record_batch.to_pylist()
+            yield list(enumerate(rows, start=number))
+            number += len(rows)
+
+
+def _csv_batches(uri: str, batch_rows: int):
+    import pandas as pd
+
+    with _open(uri) as f:
+        try:
+            number = 1
+            for frame in pd.read_csv(f, chunksize=batch_rows):
+                rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
+                        for r in frame.to_dict(orient="records")]  # an empty cell reads as NaN
+                yield list(enumerate(rows, start=number))
+                number += len(rows)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{uri}: not valid UTF-8 ({e.reason})") from None
+        except pd.errors.ParserError as e:
+            raise DataError(f"{uri}: cannot read as csv: {e}") from None
+
+
+def _hf_batches(src, revision: str | None, batch_rows: int):
+    import datasets
+
+    name = src.source.removeprefix("hf:")
+    try:
+        if Path(name).is_dir() and (Path(name) / "dataset_info.json").exists():
+            ds = datasets.load_from_disk(name)
+            ds = ds[src.split] if isinstance(ds, datasets.DatasetDict) else ds
+        elif Path(name).is_dir() and Path(name, "dataset_dict.json").exists():
+            ds = datasets.load_from_disk(name)[src.split]
+        else:
+            ds = datasets.load_dataset(name, split=src.split, revision=revision or src.revision)
+    except Exception as e:
+        raise DataError(f"{src.source}: cannot load Hugging Face data set: {e}") from None
+    number = 1
+    for columns in ds.iter(batch_size=batch_rows):
+        keys = list(columns)
+        rows = [dict(zip(keys, values)) for values in zip(*(columns[k] for k in keys))]
+        yield list(enumerate(rows, start=number))
+        number += len(rows)
+
+
+def rename(columns: dict[str, str], rows: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+    if not columns:
+        return rows
+    return [(n, {columns.get(k, k): v for k, v in r.items()} if isinstance(r, dict) else r) for n, r in rows]
+
+
+# ---- fingerprints ----------------------------------------------------------------------------
+
+
+def fingerprint(src) -> dict:
+    """{digest[, revision]} of what a source holds, from metadata where it can be trusted; never a second
+    read of an unchanged local file. A Hub data set resolves to its commit (recorded with the run)."""
+    from tasks.store import digest_json
+
+    fmt = format_of(src.source, src.format)
+    if fmt == "synthetic":
+        from tasks import synthetic
+
+        part, params = synthetic.parse_source(src.source)
+        return {"digest": digest_json({"synthetic": part, **params})}  # generated by code the cache key covers
+    if fmt == "hf":
+        name = src.source.removeprefix("hf:")
+        if Path(name).exists():
+            return {"digest": _folder_digest(Path(name))}
+        revision = resolve_hub_revision(name, src.revision, "dataset")
+        return {"digest": digest_json({"hf": name, "split": src.split, "revision": revision}), "revision": revision}
+    if "://" not in src.source or src.source.startswith("file://"):
+        path = Path(src.source.removeprefix("file://"))
+        if not path.is_file():
+            raise DataError(f"{src.source}: file not found")
+        return {"digest": file_digest(path)}
+    return {"digest": _object_digest(src.source)}
+
+
+def _object_digest(uri: str) -> str:
+    import fsspec
+
+    from tasks.store import digest_json
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise DataError(f"{uri}: file not found") from None
+    stamp = {k: info[k] for k in ("VersionId", "ETag", "etag", "md5Hash", "crc32c", "checksum") if info.get(k)}
+    if not stamp:  # a store without content metadata: hash the bytes
+        with fs.open(path, "rb") as f:
+            stamp = {"sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+    return digest_json({"uri": uri, "size": info.get("size"), **stamp})
+
+
+def _folder_digest(folder: Path) -> str:
+    from tasks.store import content_digest
+
+    return content_digest({str(p.relative_to(folder)): {"sha256": file_digest(p)}
+                           for p in sorted(folder.rglob("*")) if p.is_file()})
+
+
+def _digest_cache() -> sqlite3.Connection:
+    from tasks.store import state_home
+
+    path = state_home() / "cache" / "file-digests.sqlite"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, timeout=30)
+    db.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
+               "sha256 TEXT)")
+    return db
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a local file, remembered by (path, size, mtime): an unchanged file is not read again."""
+    path = path.resolve()
+    stat = path.stat()
+    with _digest_cache() as db:
+        hit = db.execute("SELECT sha256 FROM digests WHERE path=? AND size=? AND mtime_ns=?",
+                         (str(path), stat.st_size, stat.st_mtime_ns)).fetchone()
+    if hit:
+        return hit[0]
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    with _digest_cache() as db:
+        db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)",
+                   (str(path), stat.st_size, stat.st_mtime_ns, digest))
+    return digest
+
+
+COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def resolve_hub_revision(repo: str, revision: str | None, repo_type: str) -> str | None:
+    """The commit a Hub repo's revision (branch, tag or commit; default main) points at, or None when it
+    cannot be known here (offline, and not in the local Hub cache): the run must then download it.
+
+    A full commit id is used as given; otherwise the Hub is asked, or offline the local Hub cache's refs.
+    A missing repo or revision is a DataError (permanent: never retried)."""
+    if revision and COMMIT.fullmatch(revision):
+        return revision
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return HfApi().repo_info(repo, revision=revision, repo_type=repo_type).sha
+        except RepositoryNotFoundError:
+            raise DataError(f"{repo}: no such {repo_type} on the Hugging Face Hub (or it is private and no token "
+                            "is set)") from None
+        except RevisionNotFoundError:
+            raise DataError(f"{repo}: the Hub has no revision {revision!r}") from None
+        except Exception as e:  # the Hub unreachable: the run resolves it when it downloads
+            logger.warning("%s: cannot ask the Hub for its commit (%s); the cache key is not pinned", repo, e)
+            return None
+    ref = Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo.replace('/', '--')}" / "refs" / (revision or "main")
+    return ref.read_text().strip() if ref.is_file() else None
