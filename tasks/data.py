@@ -360,18 +360,16 @@ def prepare_data(cfg: DataConfig, out: Path, seed: int, revisions: dict[str, str
 
 
 def flat_metrics(stats: dict) -> dict[str, float]:
+    from tasks.tracking import sanitize_metric_name
+
     metrics = {}
     for kind, s in stats.items():
         for key, value in s.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 metrics[f"{kind}/{key}"] = float(value)
         for task, share in s.get("mixture_shares", {}).items():
-            metrics[f"{kind}/mix/{_metric_name(task)}"] = float(share)
+            metrics[f"{kind}/mix/{sanitize_metric_name(task)}"] = float(share)
     return metrics
-
-
-def _metric_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.\- ]", "_", text)
 
 
 def _benchmark_prompts(benchmarks: list[DatasetSource]) -> list[str]:

@@ -1,7 +1,8 @@
 """`evaluate` stage: every policy input (base, sft, policy, or any branch) on held-out prompts.
 
 Metrics per input name: task_accuracy (where a reference answer exists), mean_reward (reward-model
-score, when a reward model is an input), response_tokens. Every policy other than `base` and the
+score, when a reward model is an input), response_tokens; with eval prompts from several tasks (a
+mixture of eval sources), also task_accuracy/<task> and mean_reward/<task>. Every policy other than `base` and the
 reference (default: the input named `sft`) also gets win_rate_vs_<reference>, judged by the reward model
 (ties count half), and kl_to_<reference>, a Monte-Carlo estimate of KL(policy || reference) from
 completions sampled from the policy.
@@ -56,16 +57,19 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
     from tasks.data import load_split
     from tasks.generation import generate, reply_logprobs, reward_scores
     from tasks.modeling import free, load_causal_lm, load_reward_model, load_tokenizer
+    from tasks.tracking import sanitize_metric_name
     from tasks.training import seed_everything
 
     seed_everything(seed)
-    prompts_ds = load_split(data, "eval", "test")
+    prompts_ds = load_split(data, "eval", "test", keep_tags=True)
     if prompts_ds is None:
         raise ValueError("evaluate: the prepared data has no eval prompts; set data.eval in the recipe")
     if cfg.max_prompts:
         prompts_ds = prompts_ds.select(range(min(cfg.max_prompts, len(prompts_ds))))
     prompts = list(prompts_ds["prompt"])
     references = list(prompts_ds["reference"])
+    tasks = list(prompts_ds["task"])
+    by_task = {t: [i for i, x in enumerate(tasks) if x == t] for t in sorted(set(tasks))} if len(set(tasks)) > 1 else {}
     reference = cfg.reference if cfg.reference in models else None
     compared = [name for name in models if reference and name not in (reference, "base")]
 
@@ -78,12 +82,16 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
         tokenizer = load_tokenizer(source, trust_remote_code)
         model = load_causal_lm(source, trust_remote_code, cfg.dtype, on_device=True)
         answers[name] = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, seed=seed)
-        scored = [answer_matches(a, r) for a, r in zip(answers[name], references) if r is not None]
-        if scored:
-            metrics[f"{name}/task_accuracy"] = sum(scored) / len(scored)
+        correct = [None if r is None else answer_matches(a, r) for a, r in zip(answers[name], references)]
         if reward is not None:
             rewards[name] = reward_scores(rm, rm_tokenizer, prompts, answers[name], cfg.batch_size)
-            metrics[f"{name}/mean_reward"] = sum(rewards[name]) / len(prompts)
+        groups = [("", range(len(prompts)))] + [(f"/{sanitize_metric_name(t)}", rows) for t, rows in by_task.items()]
+        for suffix, rows in groups:
+            scored = [correct[i] for i in rows if correct[i] is not None]
+            if scored:
+                metrics[f"{name}/task_accuracy{suffix}"] = sum(scored) / len(scored)
+            if reward is not None:
+                metrics[f"{name}/mean_reward{suffix}"] = sum(rewards[name][i] for i in rows) / len(rows)
         lengths = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers[name]]
         metrics[f"{name}/response_tokens"] = sum(lengths) / len(lengths)
         if name in compared and cfg.kl_samples:
@@ -107,7 +115,7 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
 
     rows = []
     for i, prompt in enumerate(prompts):
-        row = {"prompt": prompt[-1]["content"], "reference": references[i]}
+        row = {"prompt": prompt[-1]["content"], "reference": references[i], "task": tasks[i]}
         for name in models:
             row[name] = answers[name][i]
             if reward is not None:

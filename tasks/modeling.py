@@ -9,7 +9,9 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}<|system|>{{ message['content'] }}<|end|>"
     "{% elif message['role'] == 'user' %}<|user|>{{ message['content'] }}<|end|>"
-    "{% elif message['role'] == 'assistant' %}<|assistant|>{{ message['content'] }}<|end|>"
+    "{% elif message['role'] == 'assistant' %}<|assistant|>{% generation %}{{ message['content'] }}<|end|>"
+    "{% endgeneration %}"
+    "{% elif message['role'] == 'tool' %}<|user|>{{ message['content'] }}<|end|>"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )

@@ -1,7 +1,9 @@
-"""Optional `pretrain` stage: a tokenizer and a tiny causal LM trained from scratch on a text corpus.
+"""`pretrain` stage: language-model training on plain text.
 
-It exists so that the demo needs no download. Real recipes disable it and name a Hub id or a path
-in `model.base`.
+Without a `base` input it trains a tokenizer and a tiny causal LM from scratch (the demo's base model, so
+that the demo needs no download). With a `base` input (Hub id, folder, URI or another stage) it continues
+pretraining that model. The text is the `corpus` source, or the `text` kind of a prepared `data` input
+(deduplicated, decontaminated and mixed by prepare_data; set `corpus: null` then).
 """
 
 from __future__ import annotations
@@ -10,14 +12,15 @@ from pathlib import Path
 
 from pydantic import Field
 
-from tasks.kinds import StageKind
+from tasks.kinds import Slot, StageKind
 from tasks.training import Section, TrainingSettings
 
 
 class PretrainConfig(Section):
-    corpus: str = Field(
+    corpus: str | None = Field(
         "synthetic:arithmetic/corpus",
-        description="Text corpus: a synthetic:... source, or a JSONL/Parquet/CSV path or URI with a `text` column.",
+        description="Text corpus: a synthetic:... source, or a JSONL/Parquet/CSV path or URI with a `text` column. "
+        "Null when a prepared `data` input supplies the text.",
     )
     vocab_size: int = Field(320, ge=64, description="BPE vocabulary size of the tokenizer trained here.")
     hidden_size: int = Field(64, ge=8, description="Model width.")
@@ -77,13 +80,59 @@ def pretrain(cfg: PretrainConfig, texts: list[str], out: Path, seed: int, callba
     return metrics
 
 
-def _train(cfg: PretrainConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
-    from tasks.data import DatasetSource
+def continue_pretraining(cfg: PretrainConfig, texts, base: Path | str, out: Path, seed: int, callbacks=(),
+                         trust_remote_code: bool = False, checkpoints=None) -> dict[str, float]:
+    """Language-model training of an existing model (and its tokenizer) on `texts` (a list or a Dataset
+    with a `text` column); saves the result to out."""
+    import tempfile
+
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from tasks.modeling import load_causal_lm, load_tokenizer, save_model
+    from tasks.training import (final_train_metrics, peft_config, seed_everything, train_with_checkpoints,
+                                trainer_kwargs)
+
+    seed_everything(seed, cfg.training.deterministic_kernels)
+    tokenizer = load_tokenizer(base, trust_remote_code)
+    model = load_causal_lm(base, trust_remote_code)
+    dataset = texts if isinstance(texts, Dataset) else Dataset.from_dict({"text": list(texts)})
+    with tempfile.TemporaryDirectory() as scratch:
+        args = SFTConfig(**trainer_kwargs(cfg.training, Path(scratch), seed), max_length=cfg.training.max_length,
+                         dataset_text_field="text", packing=False)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=peft_config(cfg.training.lora), callbacks=list(callbacks))
+        resumed = train_with_checkpoints(trainer, checkpoints)
+    save_model(trainer.model, tokenizer, out)
+    return {**final_train_metrics(trainer), **resumed}
+
+
+def _texts(cfg: PretrainConfig, inputs: dict):
+    from tasks.data import DatasetSource, load_split
     from tasks.sources import read_rows
 
+    if inputs.get("data") is not None:
+        if cfg.corpus is not None:
+            raise ValueError("pretrain: both `corpus` and a `data` input name the text; set corpus: null")
+        texts = load_split(inputs["data"], "text", "train")
+        if texts is None:
+            raise ValueError("pretrain: the prepared data has no text/train split; set data.text in the recipe")
+        return texts
+    if cfg.corpus is None:
+        raise ValueError("pretrain: no text: set `corpus`, or give a `data` input with a prepared `text` kind")
     texts = [row["text"] for _, row in read_rows(DatasetSource(source=cfg.corpus)) if row.get("text")]
     if not texts:
         raise ValueError(f"pretrain.corpus: {cfg.corpus} has no rows with a non-empty `text` field")
+    return texts
+
+
+def _train(cfg: PretrainConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
+    texts = _texts(cfg, inputs)
+    if inputs.get("base") is not None:
+        return continue_pretraining(cfg, texts, inputs["base"], out, ctx.seed, ctx.callbacks(),
+                                    ctx.trust_remote_code, ctx.checkpoints(cfg.training))
+    if not isinstance(texts, list):
+        texts = list(texts["text"])
     return pretrain(cfg, texts, out, ctx.seed, ctx.callbacks(), ctx.checkpoints(cfg.training))
 
 
@@ -95,9 +144,13 @@ def _work(cfg: PretrainConfig, inputs: dict, out: Path, ctx) -> dict[str, float]
 
 KIND = StageKind(
     name="pretrain",
-    description="A tokenizer and a tiny Llama trained from scratch on a text corpus (the demo's base model).",
+    description="Language-model training on text: continued pretraining of a `base` model, or (no base) a "
+    "tokenizer and a tiny Llama from scratch (the demo's base model).",
     config=PretrainConfig,
-    inputs={},
+    inputs={
+        "data": Slot("data", "prepared data whose `text` kind is the corpus", required=False, data=("text",)),
+        "base": Slot("policy", "the model to continue pretraining (none: a new tiny model)", required=False),
+    },
     output="policy",
     work=_work,
     headline=("train/final_loss",),
@@ -107,6 +160,9 @@ KIND = StageKind(
 
 def _corpus_ref(cfg: PretrainConfig) -> dict[str, dict]:
     from tasks.data import DatasetSource
+
+    if cfg.corpus is None:
+        return {}
     from tasks.sources import fingerprint
 
     return {"corpus": {"uri": cfg.corpus, **fingerprint(DatasetSource(source=cfg.corpus)), "kind": "source"}}

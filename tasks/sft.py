@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -17,40 +18,61 @@ class SFTStageConfig(Section):
         description="Hyperparameters of the fine-tuning run.",
     )
     completion_only_loss: bool = Field(True, description="Train on the completion tokens only, not the prompt.")
+    assistant_only_loss: bool | Literal["auto"] = Field(
+        "auto", description="Train on assistant turns only (user and tool turns inside a multi-turn completion are "
+        "context). 'auto': on when the data has multi-turn completions. Needs a chat template with "
+        "{% generation %} markers; TRL supplies them for the common model families.")
 
 
 def train_sft(cfg: SFTStageConfig, data: Path, base: Path, out: Path, seed: int, callbacks=(),
               trust_remote_code: bool = False, checkpoints=None) -> dict[str, float]:
-    """Fine-tune the model at `base` on data/sft/train.jsonl; save the (merged) model to `out`."""
-    from trl import SFTConfig, SFTTrainer
-
+    """Fine-tune the model at `base` on the prepared sft split; save the (merged) model to `out`."""
     from tasks.data import load_split
-    from tasks.modeling import load_causal_lm, load_tokenizer, save_model
-    from tasks.training import final_train_metrics, train_with_checkpoints, peft_config, seed_everything, trainer_kwargs
+    from tasks.modeling import save_model
+    from tasks.training import final_train_metrics, train_with_checkpoints
 
-    seed_everything(seed, cfg.training.deterministic_kernels)
-    train, held_out = load_split(data, "sft", "train"), load_split(data, "sft", "eval")
-    if train is None:
-        raise ValueError("sft: the prepared data has no sft/train split; set data.sft in the recipe")
-    tokenizer = load_tokenizer(base, trust_remote_code)
-    model = load_causal_lm(base, trust_remote_code)
+    held_out = load_split(data, "sft", "eval")
     with tempfile.TemporaryDirectory() as scratch:
-        args = SFTConfig(
-            **trainer_kwargs(cfg.training, Path(scratch), seed),
-            max_length=cfg.training.max_length,
-            completion_only_loss=cfg.completion_only_loss,
-            packing=False,
-        )
-        trainer = SFTTrainer(
-            model=model, args=args, train_dataset=train, processing_class=tokenizer,
-            peft_config=peft_config(cfg.training.lora), callbacks=list(callbacks),
-        )
+        trainer = sft_trainer(cfg, data, base, Path(scratch), seed, callbacks, trust_remote_code)
+        tokenizer = trainer.processing_class
         resumed = train_with_checkpoints(trainer, checkpoints)
         metrics = {**final_train_metrics(trainer), **resumed}
         if held_out is not None:
             metrics["eval/loss"] = float(trainer.evaluate(held_out)["eval_loss"])
     save_model(trainer.model, tokenizer, out)
     return metrics
+
+
+def sft_trainer(cfg: SFTStageConfig, data: Path, base: Path, scratch: Path, seed: int, callbacks=(),
+                trust_remote_code: bool = False):
+    """TRL's SFTTrainer on the prepared sft split, its examples tokenized and masked (not yet trained)."""
+    import json
+
+    from trl import SFTConfig, SFTTrainer
+
+    from tasks.data import load_split
+    from tasks.modeling import load_causal_lm, load_tokenizer
+    from tasks.training import peft_config, seed_everything, trainer_kwargs
+
+    seed_everything(seed, cfg.training.deterministic_kernels)
+    train = load_split(data, "sft", "train")
+    if train is None:
+        raise ValueError("sft: the prepared data has no sft/train split; set data.sft in the recipe")
+    assistant_only = cfg.assistant_only_loss
+    if assistant_only == "auto":
+        stats = json.loads((Path(data) / "stats.json").read_text()).get("sft", {})
+        assistant_only = stats.get("multi_turn_rows", 0) > 0
+    tokenizer = load_tokenizer(base, trust_remote_code)
+    model = load_causal_lm(base, trust_remote_code)
+    args = SFTConfig(
+        **trainer_kwargs(cfg.training, scratch, seed),
+        max_length=cfg.training.max_length,
+        completion_only_loss=cfg.completion_only_loss,
+        assistant_only_loss=assistant_only,
+        packing=False,
+    )
+    return SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                      peft_config=peft_config(cfg.training.lora), callbacks=list(callbacks))
 
 
 def _train(cfg: SFTStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
