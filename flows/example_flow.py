@@ -24,21 +24,23 @@ def beta_sweep(
     dpo_training: dict | None = None,
     evaluate_settings: dict | None = None,
 ) -> dict:
-    """SFT -> one DPO per beta -> evaluation; returns {"best_beta", "win_rates", "summary"}."""
-    synthetic = "synthetic:arithmetic/{}"
+    """SFT -> one DPO per beta -> evaluation; returns {"best_beta", "win_rates", "summary"}. Settings not
+    given are the demo recipe's (configs/demo.yaml)."""
+    from flows.config import DEFAULT_RECIPE, instance_settings, load_config
+
+    demo = {name: instance_settings(inst) for name, inst in load_config(DEFAULT_RECIPE).stages.items()}
     with PipelineRun("beta-sweep", seed=seed) as run:
-        data = run.stage("prepare_data", "data", **{part: {"source": synthetic.format(part)}
-                                                    for part in ("sft", "preference", "eval")})
-        base = run.stage("pretrain", "base", **(base_settings or {}))
+        data = run.stage("prepare_data", "data", **demo["prepare_data"])
+        base = run.stage("pretrain", "base", **(base_settings or demo["pretrain"]))
         sft = run.stage("sft", "sft", inputs={"data": data, "base": base},
-                        training=sft_training or {"learning_rate": 2e-3, "epochs": 6, "batch_size": 16})
-        reward = run.stage("reward", "reward", inputs={"data": data, "init": sft},
-                           training={"learning_rate": 1e-3, "epochs": 10, "batch_size": 32})
+                        training=sft_training or demo["sft"]["training"])
+        reward = run.stage("reward", "reward", inputs={"data": data, "init": sft}, **demo["reward"])
         policies = {}
         for beta in betas:
             name = f"dpo_beta{str(beta).replace('.', '')}"
-            policies[name] = run.stage("dpo", name, inputs={"data": data, "policy": sft}, beta=beta,
-                                       training=dpo_training or {"learning_rate": 5e-4, "epochs": 1, "batch_size": 16})
+            policies[name] = run.stage("dpo", name, inputs={"data": data, "policy": sft},
+                                       **{**demo["align"], "beta": beta,
+                                          "training": dpo_training or demo["align"]["training"]})
         report = run.stage("evaluate", "evaluate", inputs={"data": data, "reward": reward, "base": base, "sft": sft,
                                                            **policies}, **(evaluate_settings or {"max_new_tokens": 8}))
     win_rates = {beta: report.metrics[f"{name}/win_rate_vs_sft"] for beta, name in zip(betas, policies)}

@@ -9,20 +9,20 @@ from pydantic import Field
 
 from tasks.align import AlignmentSettings, run_alignment, train_policy
 from tasks.kinds import Slot, StageKind
-from tasks.training import TrainingSettings
+from tasks.training import stage_training
+
+DPOTraining = stage_training("DPOTraining", "TRL DPOConfig (lr 1e-6, max_length 1024, batch 8), one epoch as in the "
+                             "alignment-handbook DPO recipes", learning_rate=1e-6, epochs=1.0)
 
 
 class DPOStageConfig(AlignmentSettings):
     loss_type: list[str] = Field(
-        default_factory=lambda: ["sigmoid", "sft"],
-        description="TRL DPO loss types, combined; 'sft' adds the chosen replies' likelihood (RPO) and keeps "
+        default_factory=lambda: ["sigmoid"],
+        description="TRL DPO loss types, combined; adding 'sft' adds the chosen replies' likelihood (RPO) and keeps "
         "the policy from drifting to degenerate replies.",
     )
     loss_weights: list[float] | None = Field(None, description="Weight of each loss type (default 1.0 each).")
-    training: TrainingSettings = Field(
-        default_factory=lambda: TrainingSettings(learning_rate=5e-4, epochs=2, batch_size=16),
-        description="Hyperparameters of the DPO run.",
-    )
+    training: DPOTraining = Field(default_factory=DPOTraining, description="Hyperparameters of the DPO run.")
 
 
 def _train(cfg: DPOStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:

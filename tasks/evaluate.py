@@ -24,7 +24,7 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 class EvaluateConfig(Section):
-    max_new_tokens: int = Field(16, ge=1, description="Longest generated answer, in tokens.")
+    max_new_tokens: int = Field(256, ge=1, description="Longest generated answer, in tokens.")
     max_prompts: int = Field(0, ge=0, description="Evaluate at most this many held-out prompts (0 = all).")
     kl_samples: int = Field(1, ge=0, description="Sampled completions per prompt for the KL estimate (0 = skip).")
     table_rows: int = Field(20, ge=0, description="Sample generations kept in the logged table.")

@@ -13,7 +13,10 @@ from pathlib import Path
 from pydantic import Field
 
 from tasks.kinds import Slot, StageKind
-from tasks.training import Section, TrainingSettings
+from tasks.training import Section, stage_training
+
+PretrainTraining = stage_training("PretrainTraining", "continued pretraining of a real model (lr 2e-5, one epoch); "
+                                  "the demo's from-scratch settings are in its recipes", learning_rate=2e-5, epochs=1.0)
 
 
 class PretrainConfig(Section):
@@ -28,10 +31,8 @@ class PretrainConfig(Section):
     heads: int = Field(4, ge=1, description="Attention heads.")
     intermediate_size: int = Field(256, ge=8, description="MLP width.")
     max_position_embeddings: int = Field(128, ge=16, description="Longest sequence the model supports.")
-    training: TrainingSettings = Field(
-        default_factory=lambda: TrainingSettings(learning_rate=3e-3, epochs=2, batch_size=32, max_length=64),
-        description="Language-model training of the fresh model on the corpus.",
-    )
+    training: PretrainTraining = Field(default_factory=PretrainTraining,
+                                       description="Language-model training on the corpus.")
 
 
 def pretrain(cfg: PretrainConfig, texts: list[str], out: Path, seed: int, callbacks=(),

@@ -8,14 +8,15 @@ from pathlib import Path
 from pydantic import Field
 
 from tasks.kinds import Slot, StageKind
-from tasks.training import Section, TrainingSettings
+from tasks.training import Section, stage_training
+
+RewardTraining = stage_training("RewardTraining", "lr 1e-5 for full fine-tuning of a reward model (TRL's "
+                                "RewardConfig default of 1e-4 suits LoRA), one epoch", learning_rate=1e-5, epochs=1.0)
 
 
 class RewardStageConfig(Section):
-    training: TrainingSettings = Field(
-        default_factory=lambda: TrainingSettings(learning_rate=1e-3, epochs=4, batch_size=32),
-        description="Hyperparameters of the reward-model run.",
-    )
+    training: RewardTraining = Field(default_factory=RewardTraining,
+                                     description="Hyperparameters of the reward-model run.")
     center_rewards_coefficient: float | None = Field(
         0.01, description="Pull the mean reward towards 0 (TRL's center_rewards_coefficient); null to disable."
     )

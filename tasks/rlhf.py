@@ -11,12 +11,15 @@ from pydantic import Field, model_validator
 
 from tasks.align import AlignmentSettings, run_alignment, train_policy
 from tasks.kinds import Slot, StageKind
-from tasks.training import TrainingSettings
+from tasks.training import stage_training
+
+GRPOTraining = stage_training("GRPOTraining", "TRL GRPOConfig (lr 1e-6, batch 8 completions), one epoch",
+                              learning_rate=1e-6, epochs=1.0)
 
 
 class RLHFStageConfig(AlignmentSettings):
     num_generations: int = Field(8, ge=2, description="Completions sampled per prompt (the GRPO group size).")
-    max_completion_length: int = Field(8, ge=1, description="Longest sampled completion, in tokens.")
+    max_completion_length: int = Field(256, ge=1, description="Longest sampled completion, in tokens.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature for the rollouts.")
     num_iterations: int = Field(1, ge=1, description="Optimizer passes over each batch of rollouts (GRPO's mu); "
                                 "above 1, PPO-style clipping bounds each pass.")
@@ -25,8 +28,8 @@ class RLHFStageConfig(AlignmentSettings):
         description="GRPO advantage scaling. 'none' keeps the reward model's scale, so near-ties the reward "
         "model cannot tell apart are not blown up into large advantages (less reward hacking).",
     )
-    training: TrainingSettings = Field(
-        default_factory=lambda: TrainingSettings(learning_rate=2e-4, max_steps=150, batch_size=64),
+    training: GRPOTraining = Field(
+        default_factory=GRPOTraining,
         description="Hyperparameters of the RL run; batch_size counts completions and must be a multiple of "
         "num_generations.",
     )

@@ -9,14 +9,14 @@ from typing import Literal
 from pydantic import Field
 
 from tasks.kinds import Slot, StageKind
-from tasks.training import Section, TrainingSettings
+from tasks.training import Section, stage_training
+
+SFTTraining = stage_training("SFTTraining", "TRL SFTConfig (lr 2e-5, max_length 1024, batch 8), one epoch as in the "
+                             "alignment-handbook SFT recipes", learning_rate=2e-5, epochs=1.0)
 
 
 class SFTStageConfig(Section):
-    training: TrainingSettings = Field(
-        default_factory=lambda: TrainingSettings(learning_rate=2e-3, epochs=6, batch_size=16),
-        description="Hyperparameters of the fine-tuning run.",
-    )
+    training: SFTTraining = Field(default_factory=SFTTraining, description="Hyperparameters of the fine-tuning run.")
     completion_only_loss: bool = Field(True, description="Train on the completion tokens only, not the prompt.")
     assistant_only_loss: bool | Literal["auto"] = Field(
         "auto", description="Train on assistant turns only (user and tool turns inside a multi-turn completion are "

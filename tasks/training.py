@@ -30,15 +30,18 @@ class LoraSettings(Section):
 
 
 class TrainingSettings(Section):
-    learning_rate: float = Field(5e-4, gt=0, description="Peak learning rate (AdamW).")
+    """Hyperparameters every training stage shares. The defaults are for real models (TRL's config defaults,
+    one epoch); each stage kind states its own (`stage_training`); the demo's toy values live in its recipes."""
+
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW).")
     epochs: float = Field(1.0, gt=0, description="Passes over the training split (ignored when max_steps > 0).")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 runs `epochs` epochs.")
-    batch_size: int = Field(16, ge=1, description="Per-device training batch size.")
+    batch_size: int = Field(8, ge=1, description="Per-device training batch size.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="Fraction of steps spent warming up the learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     lr_scheduler: str = Field("linear", description="transformers scheduler name (linear, cosine, constant, ...).")
-    max_length: int = Field(128, ge=8, description="Longest tokenized example; longer ones are truncated.")
+    max_length: int = Field(1024, ge=8, description="Longest tokenized example; longer ones are truncated.")
     logging_steps: int = Field(5, ge=1, description="Log the training curve to MLflow every N steps.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (useful for big models on GPU).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -59,6 +62,18 @@ class TrainingSettings(Section):
     accelerate_config: str | None = Field(
         None, description="accelerate config file (DeepSpeed / FSDP) used with launcher=accelerate."
     )
+
+
+def stage_training(name: str, why: str, **defaults) -> type[TrainingSettings]:
+    """TrainingSettings with one stage kind's defaults (`why`: where they come from). A recipe that sets only
+    some fields (`training: {epochs: 2}`) keeps the kind's defaults for the rest."""
+    from pydantic import create_model
+    from pydantic.fields import FieldInfo
+
+    fields = {key: (TrainingSettings.model_fields[key].annotation,
+                    FieldInfo.merge_field_infos(TrainingSettings.model_fields[key], default=value))
+              for key, value in defaults.items()}
+    return create_model(name, __base__=TrainingSettings, __doc__=f"Training settings; defaults: {why}.", **fields)
 
 
 def seed_everything(seed: int, deterministic_kernels: bool = False) -> None:

@@ -13,7 +13,8 @@ from .conftest import ROOT, run_cli
 pytestmark = pytest.mark.e2e
 
 TINY = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-DPO_TRAINING = TINY["align"]["dpo"]["training"]
+DPO = TINY["align"]["dpo"]
+DPO_TRAINING = DPO["training"]
 
 
 def graph_recipe(tmp_path, name="graph", rounds=1) -> str:
@@ -23,9 +24,8 @@ def graph_recipe(tmp_path, name="graph", rounds=1) -> str:
         "base": {"kind": "pretrain", **{k: v for k, v in TINY["pretrain"].items() if k != "enabled"}},
         "sft": {"kind": "sft", "inputs": {"data": "data", "base": "base"}, **TINY["sft"]},
         "reward": {"kind": "reward", "inputs": {"data": "data", "init": "sft"}, **TINY["reward"]},
-        "dpo_a": {"kind": "dpo", "inputs": {"data": "data", "policy": "sft"}, "beta": 0.1, "training": DPO_TRAINING},
-        "dpo_b": {"kind": "dpo", "inputs": {"data": "data", "policy": "sft"}, "beta": 0.5, "rounds": rounds,
-                  "training": DPO_TRAINING},
+        "dpo_a": {"kind": "dpo", "inputs": {"data": "data", "policy": "sft"}, **DPO, "beta": 0.1},
+        "dpo_b": {"kind": "dpo", "inputs": {"data": "data", "policy": "sft"}, **DPO, "beta": 0.5, "rounds": rounds},
         "evaluate": {"kind": "evaluate", **TINY["evaluate"],
                      "inputs": {"data": "data", "reward": "reward", "base": "base", "sft": "sft",
                                 "dpo_a": "dpo_a", "dpo_b": "dpo_b"}},

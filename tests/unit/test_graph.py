@@ -86,7 +86,8 @@ def test_unknown_kind_setting_and_pool_are_named():
     tree = recipe(sft={"kind": "sft", "inputs": {"data": "data", "base": "base"}})
     tree["orchestration"] = {"stage_pools": {"stf": "gpu"}}
     assert "orchestration.stage_pools: stf is no stage of this recipe" in problems_of(tree)
-    assert "cannot repeat" in problems_of(recipe(base2={"kind": "pretrain", "rounds": 2}))
+    assert "cannot repeat" in problems_of(recipe(data2={"kind": "prepare_data", "sft": {"source": "a.jsonl"},
+                                                        "rounds": 2}))
 
 
 def test_a_recipe_without_preference_or_eval_data_is_fine_when_nothing_reads_them():
