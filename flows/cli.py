@@ -138,17 +138,19 @@ def cmd_plan(args) -> int:
     if loaded is None:
         return 2
     config, chosen = loaded
-    from flows.plan import make_plan, print_plan
+    from flows.plan import downloads, make_plan, print_plan
 
     try:
         rows = make_plan(config, chosen["only"], chosen["start_from"], chosen["refresh"])
     except (OSError, ValueError) as e:  # an input cannot be read (data file, model folder)
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    print_plan(rows)
+    fetches = downloads(config.resolved())
+    print_plan(rows, fetches)
     if args.json:
         Path(args.json).write_text(json.dumps({"recipe": config.name, "state_folder": str(home),
-                                               "stages": [r.to_dict() for r in rows]}, indent=2))
+                                               "stages": [r.to_dict() for r in rows], "downloads": fetches},
+                                              indent=2))
     return 0
 
 

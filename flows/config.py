@@ -184,8 +184,15 @@ class PipelineConfig(Section):
 
     def data_sources(self) -> dict[str, Any]:
         """Every external data source the recipe reads, as {instance.kind.index: DatasetSource}."""
-        return {f"{name}.{kind}.{index}": src for name, inst in self.stages.items() if inst.kind == "prepare_data"
-                for kind, sources in inst.sources().items() for index, src in enumerate(sources)}
+        found = {}
+        for name, inst in self.stages.items():
+            if inst.kind != "prepare_data":
+                continue
+            for kind, sources in inst.sources().items():
+                found |= {f"{name}.{kind}.{index}": src for index, src in enumerate(sources)}
+            if inst.decontaminate.enabled:
+                found |= {f"{name}.benchmark.{i}": src for i, src in enumerate(inst.decontaminate.benchmarks)}
+        return found
 
 
 def expand_chain(tree: dict) -> dict:

@@ -9,6 +9,7 @@ that stage has run (they depend on its output's digest).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from flows.config import PipelineConfig
 from flows.graph import build_nodes, node_names, with_upstream
@@ -69,6 +70,31 @@ def make_plan(cfg: PipelineConfig, only=(), start_from=(), refresh=()) -> list[P
     return list(rows.values())
 
 
+def downloads(cfg: PipelineConfig) -> list[str]:
+    """What a run would fetch from the Hugging Face Hub because the local Hub cache lacks it: models named
+    as stage inputs and Hub data sets, each with the stages that read it."""
+    from huggingface_hub import constants
+
+    from tasks.modeling import is_model_reference
+    from tasks.sources import format_of
+
+    cache = Path(constants.HF_HUB_CACHE)
+    wanted: dict[str, list[str]] = {}
+    for name, inst in cfg.stages.items():
+        for value in inst.inputs.values():
+            repo = value.partition("@")[0]
+            if (value not in cfg.stages and is_model_reference(value) and "://" not in value
+                    and not value.startswith(("models:/", ".", "/", "~")) and not Path(value).exists()
+                    and not (cache / f"models--{repo.replace('/', '--')}").is_dir()):
+                wanted.setdefault(f"model {value}", []).append(name)
+    for where, src in cfg.data_sources().items():
+        repo = src.source.removeprefix("hf:")
+        if (format_of(src.source, src.format) == "hf" and not Path(repo).exists()
+                and not (cache / f"datasets--{repo.replace('/', '--')}").is_dir()):
+            wanted.setdefault(f"data set {repo} (split {src.split})", []).append(where.split(".")[0])
+    return [f"{what} (read by {', '.join(dict.fromkeys(stages))})" for what, stages in wanted.items()]
+
+
 def why_it_runs(stored: list[dict], cfg: PipelineConfig, node, params: dict) -> str:
     """What differs from the last stored output of this stage (same recipe and instance name); `stored`:
     the metadata of every stored output of its kind."""
@@ -122,7 +148,7 @@ def _flatten(tree, prefix: str = "") -> dict:
     return flat
 
 
-def print_plan(rows: list[PlanRow]) -> None:
+def print_plan(rows: list[PlanRow], fetches: list[str] = ()) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -137,3 +163,7 @@ def print_plan(rows: list[PlanRow]) -> None:
     runs = sum(r.action == "run" for r in rows)
     print(f"{runs} stage(s) would run, {sum(r.action == 'cached' for r in rows)} come from the store"
           + (f", {sum(r.action == 'missing' for r in rows)} missing" if any(r.action == "missing" for r in rows) else ""))
+    if fetches:
+        print("to download from the Hugging Face Hub (not in the local Hub cache):")
+        for line in fetches:
+            print(f"  {line}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from flows.config import PipelineConfig
 from tasks.tracking import redact, strip_credentials
@@ -88,9 +89,25 @@ def check_models(cfg: PipelineConfig) -> None:
                 raise PreflightError(f"stages.{name}.inputs.{slot}: {e}") from None
 
 
+def check_data_sources(cfg: PipelineConfig) -> None:
+    """Every Hub data set a prepare_data stage reads exists, at the revision named (when the Hub can be asked);
+    every local file exists. A misspelled name fails here, before any compute, and is never retried."""
+    from tasks.sources import format_of, resolve_hub_revision
+
+    for where, src in cfg.data_sources().items():
+        try:
+            if format_of(src.source, src.format) == "hf" and not Path(src.source.removeprefix("hf:")).exists():
+                resolve_hub_revision(src.source.removeprefix("hf:"), src.revision, "dataset")
+            elif "://" not in src.source and not src.source.startswith("synthetic:") and not Path(src.source).exists():
+                raise ValueError(f"{src.source}: file not found")
+        except ValueError as e:
+            raise PreflightError(f"stages.{where}: {e}") from None
+
+
 def preflight(cfg: PipelineConfig) -> None:
     """Raise PreflightError for the first setting that points at something unusable."""
     resolved = cfg.resolved()
     check_tracking(resolved.tracking.uri)
     check_storage(resolved.storage.root)
     check_models(resolved)
+    check_data_sources(resolved)

@@ -147,8 +147,9 @@ def resolve_model(reference: str, tracking_uri: str | None = None, digest: bool 
     """A model named by a recipe as a stage input {uri, digest, kind: model[, revision]}.
 
     The digest follows the weights for folders and URIs (ETags for object stores) and the registered
-    version for models:/ references; a Hub id is keyed by its name and revision (pin a revision, or
-    download a snapshot to a folder, for a cache key that follows the weights). `digest=False` only checks
+    version for models:/ references; a Hub id by the commit its revision (default main) resolves to, asked of
+    the Hub or, offline, of the local Hub cache (then recorded as the input's revision, so the run loads
+    exactly that commit). `digest=False` only checks
     that the model is there (pre-flight), without hashing a local folder's files."""
     import fsspec
 
@@ -173,8 +174,15 @@ def resolve_model(reference: str, tracking_uri: str | None = None, digest: bool 
     repo, _, revision = reference.partition("@")
     if reference.startswith((".", "/", "~")) or repo.count("/") != 1 or not all(repo.split("/")):
         raise FileNotFoundError(f"model {reference}: no such folder, and not a Hub id ({MODEL_REFERENCE_HELP})")
-    if revision:
-        return {"uri": repo, "revision": revision, "digest": digest_json({"hub": repo, "revision": revision}),
+    from tasks.sources import resolve_hub_revision
+
+    try:
+        commit = resolve_hub_revision(repo, revision or None, "model")
+    except ValueError as e:  # no such repo or revision on the Hub: permanent
+        raise FileNotFoundError(f"model {reference}: {e}") from None
+    pinned = commit or revision  # offline and not in the local Hub cache: keyed by what the recipe names
+    if pinned:
+        return {"uri": repo, "revision": pinned, "digest": digest_json({"hub": repo, "revision": pinned}),
                 "kind": "model"}
     return {"uri": repo, "digest": digest_json({"hub": repo}), "kind": "model"}
 

@@ -99,12 +99,27 @@ _PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, N
 _TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
                     "ConnectError", "ReadTimeout", "ConnectTimeout", "RemoteDisconnected", "ServerDisconnectedError"}
 _TRANSIENT_MLFLOW_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
+# A Hub id or revision that does not exist fails the same way on every retry (the Hub raises these as
+# OSErrors; transformers rewraps them as OSErrors with these messages).
+_PERMANENT_HUB_ERRORS = {"RepositoryNotFoundError", "RevisionNotFoundError", "GatedRepoError", "EntryNotFoundError"}
+_PERMANENT_HUB_MESSAGES = ("is not a local folder and is not a valid model identifier", "is not a valid git identifier")
+
+
+def _names_missing_hub_repo(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__name__ in _PERMANENT_HUB_ERRORS or any(m in str(exc) for m in _PERMANENT_HUB_MESSAGES):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying: I/O and network errors, timeouts, HTTP 5xx/429 from S3 or MLflow. Not: bad config,
-    bad data, missing files, corrupted artifacts, programming errors (they fail the same way again)."""
-    if isinstance(exc, _PERMANENT_OS_ERRORS):
+    bad data, missing files, a misspelled Hub id, corrupted artifacts, programming errors (they fail the same way
+    again)."""
+    if isinstance(exc, _PERMANENT_OS_ERRORS) or _names_missing_hub_repo(exc):
         return False
     if isinstance(exc, (OSError, TimeoutError)):
         return True

@@ -125,3 +125,51 @@ def start_prefect(work: Path) -> Server:
 
 def api_url(prefect: Server) -> str:
     return prefect.url.rsplit("/health", 1)[0]
+
+
+class HubAPI:
+    """A local HTTP server that answers the Hugging Face Hub's repo-info API (GET /api/{models,datasets}/<org>/
+    <name>[/revision/<rev>]) the way the Hub does: 200 with the resolved commit for the repos it knows, 404
+    with `X-Error-Code: RepoNotFound` (or RevisionNotFound) otherwise. Point HF_ENDPOINT at `url`."""
+
+    def __init__(self, repos: dict[str, str]):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        known = repos  # "models/org/name" or "datasets/org/name" -> commit sha
+        self.requests: list[str] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(handler):  # noqa: N805
+                self.requests.append(handler.path)
+                parts = handler.path.split("?")[0].strip("/").split("/")
+                repo = "/".join(parts[1:4])
+                revision = parts[5] if len(parts) > 5 and parts[4] == "revision" else "main"
+                if parts[0] != "api" or repo not in known:
+                    return handler._reply(404, {"error": "Repository not found"}, "RepoNotFound")
+                if revision not in ("main", known[repo]):
+                    return handler._reply(404, {"error": f"Invalid rev id: {revision}"}, "RevisionNotFound")
+                handler._reply(200, {"id": "/".join(parts[2:4]), "sha": known[repo], "siblings": []})
+
+            def _reply(handler, status, body, error_code=None):  # noqa: N805
+                import json
+
+                data = json.dumps(body).encode()
+                handler.send_response(status)
+                handler.send_header("Content-Type", "application/json")
+                handler.send_header("Content-Length", str(len(data)))
+                if error_code:
+                    handler.send_header("X-Error-Code", error_code)
+                handler.end_headers()
+                handler.wfile.write(data)
+
+            def log_message(handler, *args):  # noqa: N805
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

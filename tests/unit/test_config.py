@@ -114,3 +114,50 @@ def test_bad_config_fails_before_any_compute(tmp_path, monkeypatch, capsys):
     assert "align.beta: Input should be greater than 0" in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "prefect" / "posttrain-server.json").exists(), \
         "nothing was started or created"
+
+
+REAL_MODEL_RECIPES = ["smollm2-135m.yaml", "qwen2.5-0.5b-lora.yaml"]
+
+
+@pytest.mark.parametrize("name", REAL_MODEL_RECIPES)
+def test_real_model_recipes_cite_their_sources_and_plan_offline(name, tmp_path, monkeypatch, capsys):
+    import json
+
+    from huggingface_hub import constants
+
+    from flows.cli import main
+
+    text = (ROOT / "configs" / name).read_text()
+    assert "alignment-handbook" in text and "Expected on one" in text, "cite the recipe; state GPU memory and time"
+    cfg = load_config(ROOT / "configs" / name)
+    assert any(inst.kind == "dpo" for inst in cfg.stages.values())
+    assert all(inst.training.precision == "bf16" for inst in cfg.stages.values() if hasattr(inst, "training"))
+    monkeypatch.setenv("POSTTRAIN_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    assert main(["plan", "--config", str(ROOT / "configs" / name), "--json", str(tmp_path / "plan.json")]) == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert [s["name"] for s in plan["stages"]] == list(cfg.stages)
+    assert all(s["action"] == "run" for s in plan["stages"])
+    model = cfg.stages["sft"].inputs["base"]
+    assert any(line.startswith(f"model {model} (read by sft, evaluate)") for line in plan["downloads"])
+    assert any("data set HuggingFaceH4/ultrachat_200k (split train_sft)" in line for line in plan["downloads"])
+    assert "to download from the Hugging Face Hub" in capsys.readouterr().out
+
+
+def test_stage_defaults_are_for_real_models_and_the_demo_states_its_own():
+    from tasks.dpo import DPOStageConfig
+    from tasks.evaluate import EvaluateConfig
+    from tasks.reward import RewardStageConfig
+    from tasks.rlhf import RLHFStageConfig
+    from tasks.sft import SFTStageConfig
+
+    for config, most in ((SFTStageConfig, 1e-4), (RewardStageConfig, 1e-4), (DPOStageConfig, 1e-5),
+                         (RLHFStageConfig, 1e-5)):
+        training = config().training
+        assert training.learning_rate <= most and training.max_length >= 1024, config.__name__
+        assert config.model_validate({"training": {"epochs": 2}}).training.learning_rate == training.learning_rate, \
+            "setting one training field keeps the kind's other defaults"
+    assert DPOStageConfig().loss_type == ["sigmoid"] and EvaluateConfig().max_new_tokens >= 256
+    demo = load_config()
+    assert demo.stages["sft"].training.learning_rate == 2e-3 and demo.stages["sft"].training.max_length == 128
+    assert demo.stages["align"].training.learning_rate == 5e-4 and demo.stages["align"].loss_type == ["sigmoid", "sft"]

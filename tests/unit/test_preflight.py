@@ -45,3 +45,46 @@ def test_unknown_model_path_is_named(tmp_path):
     cfg = load_config(None, ["pretrain.enabled=false", f"model.base={tmp_path / 'folder'}"])
     with pytest.raises(PreflightError, match=r"stages.sft.inputs.base: model .*folder: no config.json"):
         preflight(cfg)
+
+
+def test_a_misspelled_hub_id_fails_pre_flight_and_a_real_one_is_pinned(tmp_path):
+    """Against a local server speaking the Hub's API (HF_ENDPOINT): the run stops before any compute, naming
+    the stage input; a known repo resolves to its commit. In a fresh process, as the Hub settings are read
+    when huggingface_hub is imported."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.servers import HubAPI
+
+    commit = "a" * 40
+    hub = HubAPI({"models/org/real-model": commit, "datasets/org/real-data": "b" * 40})
+    try:
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "POSTTRAIN_HOME": str(tmp_path / "home"),
+               "HF_HUB_CACHE": str(tmp_path / "hub-cache")}
+        check = ("import json, sys; from flows.config import load_config; from flows.preflight import preflight, "
+                 "PreflightError; from tasks.modeling import resolve_model; from tasks.sources import "
+                 "resolve_hub_revision\n"
+                 "cfg = load_config(None, sys.argv[1:])\n"
+                 "try:\n    preflight(cfg); print(json.dumps({'ok': True, 'model': resolve_model('org/real-model'), "
+                 "'data': resolve_hub_revision('org/real-data', None, 'dataset')}))\n"
+                 "except PreflightError as e:\n    print(json.dumps({'ok': False, 'error': str(e)}))\n")
+
+        def preflight_of(*overrides):
+            out = subprocess.run([sys.executable, "-c", check, "pretrain.enabled=false", *overrides], env=env,
+                                 capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0, out.stderr
+            return json.loads(out.stdout.strip().splitlines()[-1])
+
+        tracking = [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+        wrong = preflight_of("model.base=org/reel-model", *tracking)
+        assert not wrong["ok"] and "stages.sft.inputs.base: model org/reel-model: org/reel-model: no such model on the " \
+                                   "Hugging Face Hub" in wrong["error"]
+        bad_data = preflight_of("model.base=org/real-model", "data.sft.source=hf:org/no-data", *tracking)
+        assert not bad_data["ok"] and "stages.prepare_data.sft.0: org/no-data: no such dataset" in bad_data["error"]
+        good = preflight_of("model.base=org/real-model", *tracking)
+        assert good["ok"] and good["model"]["revision"] == commit and good["data"] == "b" * 40
+        assert any(p.startswith("/api/models/org/reel-model") for p in hub.requests)
+    finally:
+        hub.stop()
