@@ -83,6 +83,18 @@ def test_each_stage_has_a_child_run_with_curves_metrics_and_inputs(first):
         assert run.data.tags["posttrain.output_uri"] == stage["output_uri"]
         for name, value in stage["metrics"].items():
             assert run.data.metrics[name.replace(":", "_")] == pytest.approx(value)
+    data_run = client.get_run(_by_name(summary)["prepare_data"]["mlflow_run_id"])
+    for kind in ("sft", "preference"):
+        for count in ("rows_read", "too_long_removed", "identical_pairs_removed", "contaminated_removed",
+                      "duplicates_removed", "near_duplicates_removed", "train_rows", "eval_rows"):
+            assert f"{kind}/{count}" in data_run.data.metrics, f"{kind}/{count}"
+    assert data_run.data.metrics["preference/contaminated_removed"] > 0, "the synthetic pairs hold eval questions"
+    logged = {d.dataset.name: d for d in data_run.inputs.dataset_inputs}
+    assert {"sft-train", "sft-eval", "preference-train", "preference-eval", "eval-test"} <= set(logged)
+    rows = {t.key: t.value for t in logged["sft-train"].tags}["posttrain.rows"]
+    assert int(rows) == data_run.data.metrics["sft/train_rows"]
+    assert {a.path for a in client.list_artifacts(data_run.info.run_id, "data")} == {"data/stats.json",
+                                                                                     "data/removed.jsonl"}
     sft = _by_name(summary)["sft"]["mlflow_run_id"]
     curve = client.get_metric_history(sft, "loss")
     assert len(curve) >= 3 and len({m.step for m in curve}) == len(curve)
@@ -193,12 +205,12 @@ def test_bad_data_fails_the_stage_in_mlflow_with_the_row(state_home, data, tmp_p
     assert "broken.jsonl: row 2: field 'completion' is missing" in child.data.tags["posttrain.error"]
 
 
-def test_missing_data_file_fails_before_any_training(state_home, data, tmp_path):
+def test_missing_data_file_fails_before_any_compute(state_home, data, tmp_path, capsys):
     overrides = [o for o in _data_overrides(data) if not o.startswith("data.sft.")]
     code, summary = run_cli(state_home, *overrides, f"data.sft.source={tmp_path / 'gone.jsonl'}")
-    assert code == 1
-    assert [(s["name"], s["status"]) for s in summary["stages"]] == [("prepare_data", "failed")]
-    assert "gone.jsonl: file not found" in summary["stages"][0]["error"]
+    assert code == 2 and summary == {}, "the pre-flight check stops the run; no stage starts"
+    err = capsys.readouterr().err
+    assert f"stages.prepare_data.sft.0: {tmp_path / 'gone.jsonl'}: file not found" in err
 
 
 def test_prefect_ui_shows_stage_logs_progress_and_every_stage_in_the_artifacts(first):
