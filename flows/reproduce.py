@@ -106,7 +106,8 @@ def read_recorded(run_id: str, tracking_uri: str, scratch: Path) -> Recorded:
         stage = child.data.tags.get("posttrain.stage", "?")
         if child.data.tags.get("posttrain.kind", stage) == "prepare_data":
             input_digests |= {f"{stage}.{k.removeprefix('posttrain.input.')}": v.rsplit("@", 1)[-1]
-                              for k, v in child.data.tags.items() if k.startswith("posttrain.input.")}
+                              for k, v in child.data.tags.items()
+                              if k.startswith("posttrain.input.") and not k.endswith(".revision")}
         if child.data.tags.get("posttrain.cached") == "false":  # a cached stage computed elsewhere, earlier
             machines[child.data.tags.get("posttrain.stage", "?")] = hardware.from_tags(child.data.tags)
     return Recorded(run_id, config, versions, tags, dict(run.data.metrics), stage_digests, input_digests, machines)

@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -125,22 +126,53 @@ class DataConfig(Section):
 # ---- per-batch work (in a worker process) ----------------------------------------------------
 
 
+REASONS = ("too_long_removed", "identical_pairs_removed", "contaminated_removed")
+
+
+@dataclass
 class _Job:
     """Everything a worker needs for one batch; plain data, so it pickles cheaply."""
 
-    def __init__(self, kind, source_index, src, rows, part, settings, prompts_key):
-        self.kind, self.source_index, self.src, self.rows = kind, source_index, src, rows
-        self.part, self.settings, self.prompts_key = part, settings, prompts_key
+    kind: str
+    source_index: int
+    src: dict  # source, tag, columns
+    rows: list  # (row number, record or a JSONL line's bytes)
+    part: str  # where the batch's kept rows go (Parquet)
+    settings: dict
 
 
-_CONTAMINATION: dict = {}
+class _Removed:
+    """Per reason a row was dropped: the count, the first ten row numbers and a few examples."""
+
+    def __init__(self, kind: str, source: str):
+        self.kind, self.source = kind, source
+        self.counts = dict.fromkeys(REASONS, 0)
+        self.first_rows: dict[str, list[int]] = {reason: [] for reason in REASONS}
+        self.samples: list[dict] = []
+
+    def add(self, reason: str, number: int, text: str, detail: str) -> None:
+        self.counts[reason] += 1
+        if len(self.first_rows[reason]) < 10:
+            self.first_rows[reason].append(number)
+        if sum(x["reason"] == reason for x in self.samples) < SAMPLES_PER_REASON:
+            self.samples.append({"reason": reason, "kind": self.kind, "source": self.source, "row": number,
+                                 "detail": detail, "text": text[:300]})
 
 
-def _worker_init(prompts_key, prompts, ngram, min_words):
+_CONTAMINATION = None  # this process's evaluation prompts to keep out (set by _set_contamination)
+
+
+def _set_contamination(prompts: list[str], ngram: int, min_words: int) -> None:
     from tasks.dedup import Contamination
 
-    _CONTAMINATION.clear()
-    _CONTAMINATION[prompts_key] = Contamination(prompts, ngram, min_words) if prompts else None
+    global _CONTAMINATION
+    _CONTAMINATION = Contamination(prompts, ngram, min_words) if prompts else None
+
+
+def _uses_tools(row: dict) -> bool:
+    return bool(row.get("tools")) or any(m["tool_calls"] or m["role"] == "tool"
+                                         for field in ("prompt", "completion", "chosen", "rejected")
+                                         for m in row.get(field) or ())
 
 
 def process_batch(job: _Job) -> dict:
@@ -153,54 +185,38 @@ def process_batch(job: _Job) -> dict:
     from tasks import dedup
     from tasks.sources import parse_line, rename
 
-    s = job.settings
-    contamination = _CONTAMINATION.get(job.prompts_key) if job.kind in TRAINING_KINDS else None
-    where_prefix = f"{job.src['source']}: row"
-    counts = {"rows_read": len(job.rows), "too_long_removed": 0, "identical_pairs_removed": 0,
-              "contaminated_removed": 0, "multi_turn_rows": 0, "tool_rows": 0}
-    first_rows: dict[str, list[int]] = {"too_long_removed": [], "identical_pairs_removed": [], "contaminated_removed": []}
-    samples: list[dict] = []
+    s, near = job.settings, job.settings["near"] if job.kind != "eval" else None
+    contamination = _CONTAMINATION if job.kind in TRAINING_KINDS else None
+    removed = _Removed(job.kind, job.src["source"])
+    counts = {"rows_read": len(job.rows), "multi_turn_rows": 0, "tool_rows": 0}
     kept, numbers, keys, word_lists, long_rows, prompts, chars = [], [], [], [], [], [], 0
-
-    def drop(reason: str, number: int, text: str, detail: str = ""):
-        counts[reason] += 1
-        if len(first_rows[reason]) < 10:
-            first_rows[reason].append(number)
-        if len(samples) < SAMPLES_PER_REASON * 3 and sum(x["reason"] == reason for x in samples) < SAMPLES_PER_REASON:
-            samples.append({"reason": reason, "kind": job.kind, "source": job.src["source"], "row": number,
-                            "detail": detail, "text": text[:300]})
-
     rows = job.rows
     if rows and isinstance(rows[0][1], bytes):
         rows = [(number, parse_line(job.src["source"], number, line)) for number, line in rows]
     for number, record in rename(job.src["columns"], rows):
-        where = f"{where_prefix} {number}"
         try:
-            row = normalize(job.kind, record, where)
+            row = normalize(job.kind, record, f"{job.src['source']}: row {number}")
         except Identical:
-            drop("identical_pairs_removed", number, json.dumps(record, ensure_ascii=False), "chosen == rejected")
+            removed.add("identical_pairs_removed", number, json.dumps(record, ensure_ascii=False), "chosen == rejected")
             continue
         text = row_text(row)
         if job.kind not in ("eval", "text") and len(text) > s["max_chars"]:
-            drop("too_long_removed", number, text, f"{len(text)} characters")
+            removed.add("too_long_removed", number, text, f"{len(text)} characters")
             continue
-        row_words = dedup.words(text) if (contamination or s["near"]) else None
+        row_words = dedup.words(text) if (contamination or near) else None
         if contamination is not None:
-            hit = contamination.match(row_words, dedup.words(prompt_text(row))
-                                      if contamination.short and "prompt" in row else None)
+            prompt_words = dedup.words(prompt_text(row)) if contamination.short and "prompt" in row else None
+            hit = contamination.match(row_words, prompt_words)
             if hit is not None:
-                drop("contaminated_removed", number, text, f"contains {hit!r}")
+                removed.add("contaminated_removed", number, text, f"contains {hit!r}")
                 continue
-        if job.kind == "sft" and len(row["completion"]) > 1:
-            counts["multi_turn_rows"] += 1
-        if any(m["tool_calls"] or m["role"] == "tool" for f in ("prompt", "completion", "chosen", "rejected")
-               for m in row.get(f) or ()) or row.get("tools"):
-            counts["tool_rows"] += 1
+        counts["multi_turn_rows"] += job.kind == "sft" and len(row["completion"]) > 1
+        counts["tool_rows"] += _uses_tools(row)
         chars += len(text)
         keys.append(dedup.exact_key(orjson.dumps(row, option=orjson.OPT_SORT_KEYS)))
         if job.kind == "eval":
             prompts.append(prompt_text(row))
-        if s["near"] and job.kind != "eval" and len(row_words) >= s["near"]["min_words"]:
+        if near and len(row_words) >= near["min_words"]:
             word_lists.append(row_words)
             long_rows.append(len(kept))
         row["task"], row["source"], row["row"] = job.src["tag"], job.source_index, number
@@ -209,15 +225,16 @@ def process_batch(job: _Job) -> dict:
     if kept:
         pq.write_table(pa.Table.from_pylist(kept, schema=schema(job.kind)), job.part)
     keys = np.array(keys, dtype=np.uint64)
-    near, bands = s["near"], None
-    if near and job.kind != "eval" and kept:
+    bands = None
+    if near and kept:
         # rows too short for near dedup get band values of their own (their exact key, mixed per band)
         bands = np.stack([_uniform_bits(keys, band + 1) for band in range(near["bands"])], axis=1)
         if word_lists:
             bands[long_rows] = dedup.band_hashes(word_lists, near["num_perm"], near["bands"], near["rows"],
                                                  near["shingle"], s["seed"])
-    return {"counts": counts, "first_rows": first_rows, "samples": samples, "chars": chars, "keys": keys, "numbers": np.array(numbers, dtype=np.int64),
-            "bands": bands, "prompts": prompts, "part": job.part if kept else None, "source": job.source_index}
+    return {"counts": {**counts, **removed.counts}, "first_rows": removed.first_rows, "samples": removed.samples,
+            "chars": chars, "keys": keys, "numbers": np.array(numbers, dtype=np.int64), "bands": bands,
+            "prompts": prompts, "part": job.part if kept else None, "source": job.source_index}
 
 
 def schema(kind: str, tools: bool = True):
@@ -263,7 +280,7 @@ class _Pool:
 
     def __init__(self, workers: int, init_args: tuple):
         self.workers, self.init_args, self.executor = workers, init_args, None
-        _worker_init(*init_args)
+        _set_contamination(*init_args)
 
     def map(self, jobs):
         jobs = iter(jobs)
@@ -282,7 +299,7 @@ class _Pool:
             import multiprocessing
 
             self.executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_worker_init, initargs=self.init_args)
+                                                initializer=_set_contamination, initargs=self.init_args)
         pending = [self.executor.submit(process_batch, first), self.executor.submit(process_batch, second)]
         for job in jobs:
             if len(pending) >= 2 * self.workers:
@@ -329,10 +346,10 @@ def prepare_data(cfg: DataConfig, out: Path, seed: int, revisions: dict[str, str
             if kind != "eval" and pool is None:
                 if cfg.decontaminate.enabled:
                     prompts += _benchmark_prompts(cfg.decontaminate.benchmarks)
-                init = ("prompts", prompts if cfg.decontaminate.enabled else [], cfg.decontaminate.ngram,
+                init = (prompts if cfg.decontaminate.enabled else [], cfg.decontaminate.ngram,
                         cfg.decontaminate.min_words)
                 pool = _Pool(_workers(cfg), init)
-            runner = pool or _Pool(1, ("none", [], 13, 4))
+            runner = pool or _Pool(1, ([], 13, 4))
 
             def jobs(kind=kind):
                 part = 0
@@ -341,7 +358,7 @@ def prepare_data(cfg: DataConfig, out: Path, seed: int, revisions: dict[str, str
                     for batch in read_batches(src, revisions.get(f"{kind}.{index}"), cfg.batch_rows,
                                               raw_lines=True):
                         yield _Job(kind, index, src_dict, batch, str(scratch / f"{kind}-{part:06d}.parquet"),
-                                   settings, "prompts")
+                                   settings)
                         part += 1
 
             stats[kind], kind_prompts = _prepare_kind(kind, sources[kind], runner.map(jobs()), cfg, out, seed,
@@ -383,67 +400,94 @@ def _benchmark_prompts(benchmarks: list[DatasetSource]) -> list[str]:
     return prompts
 
 
-def _prepare_kind(kind, sources, results, cfg: DataConfig, out: Path, seed: int, removed: list) -> tuple[dict, list]:
-    per_source = [dict(source=s.source, task=s.tag(), weight=s.weight, rows_read=0, too_long_removed=0,
-                       identical_pairs_removed=0, contaminated_removed=0) for s in sources]
-    totals = {"rows_read": 0, "too_long_removed": 0, "identical_pairs_removed": 0, "contaminated_removed": 0,
-              "multi_turn_rows": 0, "tool_rows": 0}
-    first_rows = {k: [] for k in ("too_long_removed", "identical_pairs_removed", "contaminated_removed")}
-    parts, keys, numbers, source_of, bands, prompts, chars = [], [], [], [], [], [], 0
-    for result in results:
-        counts = result["counts"]
-        for k in totals:
-            totals[k] += counts[k]
-        for k, rows in result["first_rows"].items():
-            first_rows[k] = (first_rows[k] + rows)[:10]
-        removed.extend(x for x in result["samples"]
-                       if sum(r["reason"] == x["reason"] and r["kind"] == kind for r in removed) < SAMPLES_PER_REASON)
-        chars += result["chars"]
-        prompts += result["prompts"]
-        if result["part"]:
-            parts.append((result["part"], len(result["keys"])))
-            keys.append(result["keys"])
-            numbers.append(result["numbers"])
-            if result["bands"] is not None:
-                bands.append(result["bands"])
-        source_of.append(np.full(len(result["keys"]), result["source"], dtype=np.int32))
-        for k in ("rows_read", "too_long_removed", "identical_pairs_removed", "contaminated_removed"):
-            per_source[result["source"]][k] += counts[k]
-    if totals["rows_read"] == 0:
-        raise DataError(f"{', '.join(s.source for s in sources)}: the data set is empty")
-    keys_all = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
-    numbers_all = np.concatenate(numbers) if numbers else np.zeros(0, np.int64)
-    sources_all = np.concatenate(source_of) if source_of else np.zeros(0, np.int32)
-    n = len(keys_all)
+class _Gathered:
+    """What the batches of one kind report, gathered in reading order: counts (per kind and per source),
+    the first removed row numbers, and the per-row arrays the whole-kind decisions are taken on."""
 
-    keep = np.ones(n, dtype=bool)
-    if cfg.dedup and n:
-        _, first = np.unique(keys_all, return_index=True)
+    def __init__(self, kind: str, sources: list[DatasetSource], removed: list[dict]):
+        self.kind, self.removed = kind, removed
+        self.totals = dict.fromkeys(("rows_read", *REASONS, "multi_turn_rows", "tool_rows"), 0)
+        self.per_source = [{"source": s.source, "task": s.tag(), "weight": s.weight,
+                            **dict.fromkeys(("rows_read", *REASONS), 0)} for s in sources]
+        self.first_rows: dict[str, list[int]] = {reason: [] for reason in REASONS}
+        self.parts, self.prompts, self.chars = [], [], 0
+        self._keys, self._numbers, self._sources, self._bands = [], [], [], []
+
+    def add(self, result: dict) -> None:
+        for k in self.totals:
+            self.totals[k] += result["counts"][k]
+        for k in self.per_source[result["source"]]:
+            if k in REASONS or k == "rows_read":
+                self.per_source[result["source"]][k] += result["counts"][k]
+        for reason, rows in result["first_rows"].items():
+            self.first_rows[reason] = (self.first_rows[reason] + rows)[:10]
+        for sample in result["samples"]:
+            alike = sum(r["reason"] == sample["reason"] and r["kind"] == self.kind for r in self.removed)
+            if alike < SAMPLES_PER_REASON:
+                self.removed.append(sample)
+        self.chars += result["chars"]
+        self.prompts += result["prompts"]
+        if result["part"]:
+            self.parts.append((result["part"], len(result["keys"])))
+            self._keys.append(result["keys"])
+            self._numbers.append(result["numbers"])
+            self._sources.append(np.full(len(result["keys"]), result["source"], dtype=np.int32))
+            if result["bands"] is not None:
+                self._bands.append(result["bands"])
+
+    def arrays(self):
+        """(exact keys, row numbers, source indices, LSH bands or None), one entry per kept row."""
+        join = lambda chunks, dtype: np.concatenate(chunks) if chunks else np.zeros(0, dtype)  # noqa: E731
+        return (join(self._keys, np.uint64), join(self._numbers, np.int64), join(self._sources, np.int32),
+                np.concatenate(self._bands) if self._bands else None)
+
+
+def _first_occurrences(keys: np.ndarray, bands: np.ndarray | None, exact: bool) -> tuple[np.ndarray, int, int]:
+    """(keep mask, exact duplicates, near duplicates): a row is kept when no earlier kept row equals it
+    (exact) or shares an LSH band with it (near)."""
+    keep = np.ones(len(keys), dtype=bool)
+    if exact and len(keys):
         keep[:] = False
-        keep[first] = True
-    duplicates = int(n - keep.sum())
-    near_removed = 0
-    if bands and keep.any():
+        keep[np.unique(keys, return_index=True)[1]] = True
+    exact_removed, near_removed = int(len(keys) - keep.sum()), 0
+    if bands is not None and keep.any():
         from tasks.dedup import near_duplicates
 
         candidates = np.flatnonzero(keep)
-        dup = near_duplicates(np.concatenate(bands), candidates)
-        keep[candidates[dup]] = False
-        near_removed = int(dup.sum())
+        near = near_duplicates(bands, candidates)
+        keep[candidates[near]] = False
+        near_removed = int(near.sum())
+    return keep, exact_removed, near_removed
 
+
+def _copies(keep: np.ndarray, source_of: np.ndarray, numbers: np.ndarray, sources: list[DatasetSource],
+            seed: int) -> np.ndarray:
+    """How many times each row goes into the mix: its source's weight, the fraction sampled by (seed,
+    source, row number), so a source's draw does not depend on the other sources."""
     copies = keep.astype(np.int64)
     for index, src in enumerate(sources):
         if src.weight != 1.0:
-            mine = keep & (sources_all == index)
-            u = _uniform(numbers_all[mine].astype(np.uint64), seed * 1_000_003 + index + 1)
+            mine = keep & (source_of == index)
+            u = _uniform(numbers[mine].astype(np.uint64), seed * 1_000_003 + index + 1)
             copies[mine] = np.floor(src.weight).astype(np.int64) + (u < src.weight % 1.0)
-    if kind == "eval":
-        goes_to_eval = np.zeros(n, dtype=bool)
-    else:
-        goes_to_eval = _uniform(keys_all, seed) < cfg.eval_fraction
+    return copies
 
-    splits = {"test": copies} if kind == "eval" else {"train": np.where(goes_to_eval, 0, copies),
-                                                      "eval": np.where(goes_to_eval, copies, 0)}
+
+def _prepare_kind(kind, sources, results, cfg: DataConfig, out: Path, seed: int, removed: list) -> tuple[dict, list]:
+    gathered = _Gathered(kind, sources, removed)
+    for result in results:
+        gathered.add(result)
+    totals = gathered.totals
+    if totals["rows_read"] == 0:
+        raise DataError(f"{', '.join(s.source for s in sources)}: the data set is empty")
+    keys, numbers, source_of, bands = gathered.arrays()
+    keep, duplicates, near_removed = _first_occurrences(keys, bands, cfg.dedup)
+    copies = _copies(keep, source_of, numbers, sources, seed)
+    if kind == "eval":
+        splits = {"test": copies}
+    else:  # by a hash of the row itself: a row stays in its split when other rows are added or removed
+        held_out = _uniform(keys, seed) < cfg.eval_fraction
+        splits = {"train": np.where(held_out, 0, copies), "eval": np.where(held_out, copies, 0)}
     counts = {split: int(c.sum()) for split, c in splits.items()}
     reasons = (f"{totals['rows_read']} read, {totals['too_long_removed']} longer than data.max_chars={cfg.max_chars}, "
                f"{totals['identical_pairs_removed']} pairs with chosen == rejected, {totals['contaminated_removed']} "
@@ -455,27 +499,27 @@ def _prepare_kind(kind, sources, results, cfg: DataConfig, out: Path, seed: int,
     if counts[main_split] < minimum:
         raise DataError(f"{kind} ({', '.join(s.source for s in sources)}): {counts[main_split]} {main_split} rows "
                         f"left, fewer than data.min_rows={minimum} ({reasons})")
-    _write_splits(out / kind, parts, splits, cfg.shard_rows, schema(kind, tools=totals["tool_rows"] > 0))
+    _write_splits(out / kind, gathered.parts, splits, cfg.shard_rows, schema(kind, tools=totals["tool_rows"] > 0))
 
-    for index, s in enumerate(per_source):
-        mine = sources_all == index
-        s["rows_kept"] = int(keep[mine].sum())
-        s["rows_in_mix"] = int(copies[mine].sum())
-    total_in_mix = max(1, int(copies.sum()))
     shares: dict[str, float] = {}
-    for s in per_source:
-        shares[s["task"]] = shares.get(s["task"], 0.0) + s["rows_in_mix"] / total_in_mix
+    for index, s in enumerate(gathered.per_source):
+        s["rows_kept"], s["rows_in_mix"] = int(keep[source_of == index].sum()), int(copies[source_of == index].sum())
+        shares[s["task"]] = shares.get(s["task"], 0.0) + s["rows_in_mix"] / max(1, int(copies.sum()))
     stats = {**totals, "duplicates_removed": duplicates, "near_duplicates_removed": near_removed,
-             **{f"{split}_rows": c for split, c in counts.items()},
-             "mean_chars": chars / max(1, int(sum(c for _, c in parts))),
-             "first_rows_removed": first_rows, "sources": per_source, "mixture_shares": shares}
-    logger.info("[prepare_data] %s: %s; %s", kind, reasons,
-                ", ".join(f"{split} {c}" for split, c in counts.items()))
+             **{f"{split}_rows": c for split, c in counts.items()}, "mean_chars": gathered.chars / max(1, len(keys)),
+             "first_rows_removed": gathered.first_rows, "sources": gathered.per_source, "mixture_shares": shares}
+    _log_kind(kind, reasons, counts, gathered.first_rows, removed)
+    return stats, gathered.prompts
+
+
+def _log_kind(kind: str, reasons: str, counts: dict, first_rows: dict, removed: list[dict]) -> None:
+    logger.info("[prepare_data] %s: %s; %s", kind, reasons, ", ".join(f"{split} {c}" for split, c in counts.items()))
     for reason, rows in first_rows.items():
         if rows:
-            logger.info("[prepare_data] %s: %s at rows %s", kind, reason.replace("_", " "),
-                        ", ".join(map(str, rows)))
-    return stats, prompts
+            example = next((x for x in removed if x["kind"] == kind and x["reason"] == reason), None)
+            shown = f"; e.g. row {example['row']} ({example['detail']}): {example['text'][:80]!r}" if example else ""
+            logger.info("[prepare_data] %s: %s at rows %s%s", kind, reason.replace("_", " "),
+                        ", ".join(map(str, rows)), shown)
 
 
 def _write_splits(folder: Path, parts: list[tuple[str, int]], splits: dict[str, np.ndarray], shard_rows: int,

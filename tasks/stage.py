@@ -200,7 +200,9 @@ def execute_stage(kind: str, instance: str, config: dict, inputs: dict[str, dict
     try:
         tracking.log_params(run_env.tracking_uri, run_id, tracking.flatten(tracking.redact(config)))
         tracking.set_tags(run_env.tracking_uri, run_id,
-                          {f"posttrain.input.{n}": f"{r.uri}@{r.digest[:16]}" for n, r in refs.items()})
+                          {f"posttrain.input.{n}": f"{r.uri}@{r.digest[:16]}" for n, r in refs.items()}
+                          | {f"posttrain.input.{n}.revision": raw["revision"] for n, raw in inputs.items()
+                             if raw.get("revision")})  # a Hub model's or data set's resolved commit
         local = {name: materialize_input(store, raw, run_env.tracking_uri) for name, raw in inputs.items()}
         existing = store.lookup(area, key)
         if existing is not None and refresh:
