@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -298,15 +299,23 @@ class _Pool:
         if self.executor is None:
             import multiprocessing
 
+            # spawned, not forked: rensa computes on a Rust thread pool, which a forked child inherits without
+            # its threads (and then waits forever).
             self.executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                                 initializer=_set_contamination, initargs=self.init_args)
-        pending = [self.executor.submit(process_batch, first), self.executor.submit(process_batch, second)]
-        for job in jobs:
-            if len(pending) >= 2 * self.workers:
-                yield pending.pop(0).result()
-            pending.append(self.executor.submit(process_batch, job))
-        for future in pending:
-            yield future.result()
+        try:
+            pending = [self.executor.submit(process_batch, first), self.executor.submit(process_batch, second)]
+            for job in jobs:
+                if len(pending) >= 2 * self.workers:
+                    yield pending.pop(0).result()
+                pending.append(self.executor.submit(process_batch, job))
+            for future in pending:
+                yield future.result()
+        except BrokenProcessPool:
+            raise RuntimeError(
+                "data.workers: the worker processes did not start. A script that runs prepare_data must call it "
+                "under `if __name__ == \"__main__\":` (Python's rule for multiprocessing), or set data.workers: 1 "
+                "to work in this process") from None
 
     def close(self):
         if self.executor is not None:
@@ -314,7 +323,24 @@ class _Pool:
 
 
 def _workers(cfg: DataConfig) -> int:
-    return cfg.workers or min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(), 8)
+    if cfg.workers:
+        return cfg.workers
+    if not _main_can_be_imported():
+        logger.info("[prepare_data] one process: worker processes cannot re-import this program (it is read "
+                    "from standard input)")
+        return 1
+    return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(), 8)
+
+
+def _main_can_be_imported() -> bool:
+    """Whether a spawned worker can set up this program's __main__ (not when it was read from stdin)."""
+    import sys
+
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None):
+        return True
+    path = getattr(main, "__file__", None)
+    return path is None or Path(path).exists()
 
 
 def prepare_data(cfg: DataConfig, out: Path, seed: int, revisions: dict[str, str] | None = None) -> dict[str, float]:
