@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,7 @@ def log_dataset(tracking_uri: str, run_id: str, files: list[Path], name: str, ro
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import InputTag
+    from mlflow.exceptions import MlflowException
     from mlflow.types.utils import _infer_schema
 
     from tasks.sources import file_digest
@@ -217,10 +219,21 @@ def log_dataset(tracking_uri: str, run_id: str, files: list[Path], name: str, ro
         if sample[column].map(lambda v: hasattr(v, "__len__") and not isinstance(v, str)).any():
             sample[column] = sample[column].map(lambda v: json.dumps(_plain(v)))
     digest = digest_json([file_digest(Path(f)) for f in files])
-    source = resolve_dataset_source(str(Path(files[0]).parent))
-    dataset = MetaDataset(source=source, name=name, digest=digest[:36], schema=_infer_schema(sample))
-    client(tracking_uri).log_inputs(run_id, datasets=[_dataset_input(dataset, [
-        InputTag(key="mlflow.data.context", value=context), InputTag(key="posttrain.rows", value=str(rows))])])
+    with warnings.catch_warnings():  # MLflow's hints about source types and integer columns: nothing to act on
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(str(Path(files[0]).parent))
+        dataset = MetaDataset(source=source, name=name, digest=digest[:36], schema=_infer_schema(sample))
+    inputs = [_dataset_input(dataset, [InputTag(key="mlflow.data.context", value=context),
+                                       InputTag(key="posttrain.rows", value=str(rows))])]
+    for attempt in range(3):
+        try:
+            return client(tracking_uri).log_inputs(run_id, datasets=inputs)
+        except MlflowException as e:
+            # Two runs logging the same data set at once: MLflow inserts the shared dataset row without a lock,
+            # and the loser of the race sees a unique-constraint error; the row exists now, so log again.
+            if "UNIQUE constraint" not in str(e) or attempt == 2:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _plain(value):

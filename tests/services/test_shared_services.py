@@ -124,7 +124,7 @@ def test_deployment_has_a_cron_schedule_and_a_typed_form(deployment, prefect_cli
     order = sorted(schema["properties"], key=lambda p: schema["properties"][p]["position"])
     assert order[:3] == ["recipe", "overrides", "config"]
     definitions = schema.get("definitions") or schema.get("$defs")
-    assert {"PipelineConfig", "DPOStageInstance", "TrainingSettings"} <= set(definitions)
+    assert {"PipelineConfig", "DPOStageInstance", "DPOTraining", "LoraSettings"} <= set(definitions)
     assert definitions["DPOStageInstance"]["properties"]["beta"]["description"]
     assert deployment.parameters == {"recipe": "configs/tiny.yaml", "overrides": [
         "storage.root=s3://posttrain/runs", "orchestration.stage_pools.evaluate=svc-eval"]}
