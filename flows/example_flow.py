@@ -21,6 +21,7 @@ def beta_sweep(
     seed: int = 0,
     base_settings: dict | None = None,
     sft_training: dict | None = None,
+    reward_training: dict | None = None,
     dpo_training: dict | None = None,
     evaluate_settings: dict | None = None,
 ) -> dict:
@@ -34,7 +35,8 @@ def beta_sweep(
         base = run.stage("pretrain", "base", **(base_settings or demo["pretrain"]))
         sft = run.stage("sft", "sft", inputs={"data": data, "base": base},
                         training=sft_training or demo["sft"]["training"])
-        reward = run.stage("reward", "reward", inputs={"data": data, "init": sft}, **demo["reward"])
+        reward = run.stage("reward", "reward", inputs={"data": data, "init": sft},
+                           **{**demo["reward"], "training": reward_training or demo["reward"]["training"]})
         policies = {}
         for beta in betas:
             name = f"dpo_beta{str(beta).replace('.', '')}"

@@ -174,7 +174,8 @@ def test_stages_compose_in_a_python_flow(state_home):
     from flows.example_flow import beta_sweep
 
     tiny = dict(base_settings={k: v for k, v in TINY["pretrain"].items() if k != "enabled"},
-                sft_training=TINY["sft"]["training"], dpo_training=DPO_TRAINING, evaluate_settings=TINY["evaluate"])
+                sft_training=TINY["sft"]["training"], reward_training=TINY["reward"]["training"],
+                dpo_training=DPO_TRAINING, evaluate_settings=TINY["evaluate"])
     first = beta_sweep(betas=[0.1, 0.3], **tiny)
     assert set(first["win_rates"]) == {0.1, 0.3} and first["best_beta"] in (0.1, 0.3)
     again = beta_sweep(betas=[0.1, 0.3, 0.6], **tiny)
