@@ -19,18 +19,21 @@ class AlignmentSettings(Section):
 
 
 def train_policy(cfg: AlignmentSettings, data: Path, policy: Path | str, out: Path, ctx,
-                 make_trainer: Callable[[dict, object, dict], object]) -> dict[str, float]:
-    """Load the policy at `policy` and the preference split, build the method's trainer with
-    `make_trainer(trainer_kwargs, train_split, common_kwargs)`, train (resuming from a stored checkpoint),
-    save the policy to `out`."""
+                 make_trainer: Callable[[dict, object, dict], object], data_kind: str = "preference",
+                 prepare: Callable[[object], object] | None = None) -> dict[str, float]:
+    """Load the policy at `policy` and the `data_kind` training split (through `prepare`, when given), build
+    the method's trainer with `make_trainer(trainer_kwargs, train_split, common_kwargs)`, train (resuming from
+    a stored checkpoint), save the policy to `out`."""
     from tasks.data import load_split
     from tasks.modeling import load_causal_lm, load_tokenizer, save_model
     from tasks.training import final_train_metrics, peft_config, seed_everything, trainer_kwargs, train_with_checkpoints
 
     seed_everything(ctx.seed, cfg.training.deterministic_kernels)
-    train = load_split(data, "preference", "train")
+    train = load_split(data, data_kind, "train")
     if train is None:
-        raise ValueError(f"{ctx.stage}: the prepared data has no preference/train split")
+        raise ValueError(f"{ctx.stage}: the prepared data has no {data_kind}/train split")
+    if prepare is not None:
+        train = prepare(train)
     tokenizer = load_tokenizer(policy, ctx.trust_remote_code)
     model = load_causal_lm(policy, ctx.trust_remote_code)
     common = dict(model=model, processing_class=tokenizer, peft_config=peft_config(cfg.training.lora),
@@ -42,13 +45,14 @@ def train_policy(cfg: AlignmentSettings, data: Path, policy: Path | str, out: Pa
     return {**final_train_metrics(trainer), **resumed}
 
 
-def run_alignment(train_function, cfg: AlignmentSettings, inputs: dict, out: Path, ctx) -> dict[str, float]:
+def run_alignment(train_function, cfg: AlignmentSettings, inputs: dict, out: Path, ctx,
+                  data_kind: str = "preference") -> dict[str, float]:
     """A method's stage work: log the split it trains on, train (in one or more processes), log the policy."""
     from tasks import tracking
     from tasks.launch import run_training
     from tasks.sft import log_training_split
 
-    log_training_split(ctx, inputs["data"], "preference")
+    log_training_split(ctx, inputs["data"], data_kind)
     metrics = run_training(train_function, cfg.training, cfg, inputs, out, ctx)
     tracking.log_model_folder(ctx.env, ctx.run_id, out, "policy")
     return metrics

@@ -29,6 +29,7 @@ KIND_MODULES = (
     "tasks.sft",
     "tasks.reward",
     "tasks.dpo",
+    "tasks.kto",
     "tasks.rlhf",
     "tasks.evaluate",
 )
