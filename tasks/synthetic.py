@@ -133,3 +133,20 @@ def parse_source(source: str) -> tuple[str, dict]:
         key, _, value = item.partition("=")
         params[key] = float(value) if "." in value else int(value)
     return part, params
+
+
+def arithmetic_reward(prompts, completions, **kwargs) -> list[float]:
+    """A verifier for the demo's task, in TRL's reward-function form: 1.0 when the reply's first number is
+    the sum of the two numbers the question asks about, else 0.0. Prompts and completions are chat messages
+    (or plain strings)."""
+    import re
+
+    def text(value) -> str:
+        return value if isinstance(value, str) else value[-1]["content"]
+
+    rewards = []
+    for prompt, completion in zip(prompts, completions):
+        asked = [int(n) for n in re.findall(r"\d+", text(prompt))[:2]]
+        answer = re.search(r"-?\d+", text(completion))
+        rewards.append(1.0 if len(asked) == 2 and answer is not None and int(answer.group()) == sum(asked) else 0.0)
+    return rewards
