@@ -184,15 +184,8 @@ class PipelineConfig(Section):
 
     def data_sources(self) -> dict[str, Any]:
         """Every external data source the recipe reads, as {instance.kind.index: DatasetSource}."""
-        found = {}
-        for name, inst in self.stages.items():
-            if inst.kind != "prepare_data":
-                continue
-            for kind, sources in inst.sources().items():
-                found |= {f"{name}.{kind}.{index}": src for index, src in enumerate(sources)}
-            if inst.decontaminate.enabled:
-                found |= {f"{name}.benchmark.{i}": src for i, src in enumerate(inst.decontaminate.benchmarks)}
-        return found
+        return {f"{name}.{where}": src for name, inst in self.stages.items() if inst.kind == "prepare_data"
+                for where, src in inst.named_sources().items()}
 
 
 def expand_chain(tree: dict) -> dict:

@@ -75,17 +75,15 @@ def downloads(cfg: PipelineConfig) -> list[str]:
     as stage inputs and Hub data sets, each with the stages that read it."""
     from huggingface_hub import constants
 
-    from tasks.modeling import is_model_reference
+    from tasks.modeling import hub_repo
     from tasks.sources import format_of
 
     cache = Path(constants.HF_HUB_CACHE)
     wanted: dict[str, list[str]] = {}
     for name, inst in cfg.stages.items():
         for value in inst.inputs.values():
-            repo = value.partition("@")[0]
-            if (value not in cfg.stages and is_model_reference(value) and "://" not in value
-                    and not value.startswith(("models:/", ".", "/", "~")) and not Path(value).exists()
-                    and not (cache / f"models--{repo.replace('/', '--')}").is_dir()):
+            repo = None if value in cfg.stages else hub_repo(value)
+            if repo and not (cache / f"models--{repo.replace('/', '--')}").is_dir():
                 wanted.setdefault(f"model {value}", []).append(name)
     for where, src in cfg.data_sources().items():
         repo = src.source.removeprefix("hf:")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 from flows.config import PipelineConfig
 from tasks.tracking import redact, strip_credentials
@@ -91,15 +90,13 @@ def check_models(cfg: PipelineConfig) -> None:
 
 def check_data_sources(cfg: PipelineConfig) -> None:
     """Every Hub data set a prepare_data stage reads exists, at the revision named (when the Hub can be asked);
-    every local file exists. A misspelled name fails here, before any compute, and is never retried."""
-    from tasks.sources import format_of, resolve_hub_revision
+    every file exists: the source is fingerprinted as the run keys it (a local file's digest is remembered, so
+    the run does not read it again). A misspelled name fails here, before any compute, and is never retried."""
+    from tasks.sources import fingerprint
 
     for where, src in cfg.data_sources().items():
         try:
-            if format_of(src.source, src.format) == "hf" and not Path(src.source.removeprefix("hf:")).exists():
-                resolve_hub_revision(src.source.removeprefix("hf:"), src.revision, "dataset")
-            elif "://" not in src.source and not src.source.startswith("synthetic:") and not Path(src.source).exists():
-                raise ValueError(f"{src.source}: file not found")
+            fingerprint(src)
         except ValueError as e:
             raise PreflightError(f"stages.{where}: {e}") from None
 

@@ -123,6 +123,12 @@ class DataConfig(Section):
         found = {kind: getattr(self, kind) for kind in KINDS}
         return {kind: v if isinstance(v, list) else [v] for kind, v in found.items() if v}
 
+    def named_sources(self) -> dict[str, DatasetSource]:
+        """Everything the stage reads, by input name: "<kind>.<index>" and "benchmark.<index>"."""
+        named = {f"{kind}.{i}": src for kind, sources in self.sources().items() for i, src in enumerate(sources)}
+        benchmarks = self.decontaminate.benchmarks if self.decontaminate.enabled else []
+        return named | {f"benchmark.{i}": src for i, src in enumerate(benchmarks)}
+
 
 # ---- per-batch work (in a worker process) ----------------------------------------------------
 
@@ -217,7 +223,7 @@ def process_batch(job: _Job) -> dict:
         keys.append(dedup.exact_key(orjson.dumps(row, option=orjson.OPT_SORT_KEYS)))
         if job.kind == "eval":
             prompts.append(prompt_text(row))
-        if near and len(row_words) >= near["min_words"]:
+        if near and len(row_words) >= max(near["min_words"], near["shingle"]):
             word_lists.append(row_words)
             long_rows.append(len(kept))
         row["task"], row["source"], row["row"] = job.src["tag"], job.source_index, number
@@ -644,13 +650,8 @@ def source_refs(cfg: DataConfig) -> dict[str, dict]:
     Hub data set's resolved commit travels with them so the run reads exactly that commit."""
     from tasks.sources import fingerprint
 
-    refs = {}
-    for kind, sources in cfg.sources().items():
-        for index, src in enumerate(sources):
-            refs[f"{kind}.{index}"] = {"uri": src.source, **fingerprint(src), "kind": "source"}
-    for index, src in enumerate(cfg.decontaminate.benchmarks if cfg.decontaminate.enabled else ()):
-        refs[f"benchmark.{index}"] = {"uri": src.source, **fingerprint(src), "kind": "source"}
-    return refs
+    return {name: {"uri": src.source, **fingerprint(src), "kind": "source"}
+            for name, src in cfg.named_sources().items()}
 
 
 KIND = StageKind(

@@ -55,7 +55,8 @@ def lsh_shape(threshold: float, num_perm: int) -> tuple[int, int]:
 
 def band_hashes(word_lists: list[list[str]], num_perm: int, bands: int, rows: int, shingle: int,
                 seed: int) -> np.ndarray:
-    """(len(word_lists), bands) uint64 LSH band hashes of each document's word-shingle MinHash."""
+    """(len(word_lists), bands) uint64 LSH band hashes of each document's word-shingle MinHash; every
+    document has at least `shingle` words."""
     import rensa
 
     token_hashes = rensa.RMinHash.hash_token_sets(word_lists)
@@ -76,29 +77,19 @@ def band_hashes(word_lists: list[list[str]], num_perm: int, bands: int, rows: in
 
 
 def _shingle(flat: np.ndarray, lengths: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hashes of every run of k consecutive word hashes inside each document (a document shorter than k
-    words is one shingle of all its words); returns the flat shingle hashes and their count per document."""
-    if k <= 1 or not len(flat):
+    """Hashes of every run of k consecutive word hashes inside each document (every document has at least
+    k words); returns the flat shingle hashes and their count per document."""
+    if k <= 1:
         return flat, lengths
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    doc = np.repeat(np.arange(len(lengths)), lengths)
-    position = np.arange(len(flat))
+    if (lengths < k).any():
+        raise ValueError(f"every document needs at least {k} words for {k}-word shingles")
+    ends = np.repeat(np.cumsum(lengths), lengths)
     padded = np.concatenate([flat, np.zeros(k, dtype=np.uint64)])
     with np.errstate(over="ignore"):
         window = np.zeros(len(flat), dtype=np.uint64)
         for j in range(k):
             window += padded[j: j + len(flat)] * _MIX[j % len(_MIX)]
-    short = lengths < k
-    keep = (position + k <= ends[doc]) | (short[doc] & (position == starts[doc]))
-    if short.any():  # a short document's one shingle: the sum of its word hashes
-        sums = np.add.reduceat(flat * _MIX[0], starts[lengths > 0]) if (lengths > 0).any() else np.zeros(0, np.uint64)
-        window_short = np.zeros(len(lengths), dtype=np.uint64)
-        window_short[lengths > 0] = sums
-        first = starts[short & (lengths > 0)]
-        window[first] = window_short[short & (lengths > 0)]
-    counts = np.where(short, np.minimum(lengths, 1), np.maximum(lengths - k + 1, 0))
-    return window[keep], counts
+    return window[np.arange(len(flat)) + k <= ends], lengths - k + 1
 
 
 def near_duplicates(bands: np.ndarray, candidates: np.ndarray) -> np.ndarray:

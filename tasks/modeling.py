@@ -143,6 +143,15 @@ def is_model_reference(text: str) -> bool:
             or Path(text).expanduser().exists())
 
 
+def hub_repo(reference: str) -> str | None:
+    """The Hub repo (org/name) a model reference names, or None for a registry model, a URI, a path or an
+    existing folder."""
+    if reference.startswith(("models:/", ".", "/", "~")) or "://" in reference or Path(reference).expanduser().exists():
+        return None
+    repo = reference.partition("@")[0]
+    return repo if repo.count("/") == 1 and all(repo.split("/")) else None
+
+
 def resolve_model(reference: str, tracking_uri: str | None = None, digest: bool = True) -> dict:
     """A model named by a recipe as a stage input {uri, digest, kind: model[, revision]}.
 
@@ -171,9 +180,10 @@ def resolve_model(reference: str, tracking_uri: str | None = None, digest: bool 
             raise FileNotFoundError(f"model {local}: no config.json; is it a save_pretrained folder?")
         return {"uri": str(local.resolve()), "digest": content_digest(directory_manifest(local)) if digest else "",
                 "kind": "model"}
-    repo, _, revision = reference.partition("@")
-    if reference.startswith((".", "/", "~")) or repo.count("/") != 1 or not all(repo.split("/")):
+    repo = hub_repo(reference)
+    if repo is None:
         raise FileNotFoundError(f"model {reference}: no such folder, and not a Hub id ({MODEL_REFERENCE_HELP})")
+    revision = reference.partition("@")[2]
     from tasks.sources import resolve_hub_revision
 
     try:

@@ -91,11 +91,11 @@ def _chunks(rows, size: int):
         yield batch
 
 
-def _open(uri: str, mode: str = "rb"):
+def _open(uri: str):
     import fsspec
 
     try:
-        return fsspec.open(uri, mode).open()
+        return fsspec.open(uri, "rb").open()
     except FileNotFoundError:
         raise DataError(f"{uri}: file not found") from None
 
