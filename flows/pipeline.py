@@ -45,7 +45,7 @@ def node_inputs(cfg: PipelineConfig, node: Node, outputs: dict[str, dict], model
             models[ref] = resolve_model(ref, cfg.tracking.uri)
         inputs[slot] = models[ref]
     if node.kind.source_inputs:
-        inputs |= node.kind.source_inputs(cfg.stages[node.instance])
+        inputs |= node.kind.source_inputs(cfg.stages[node.instance], cfg.tracking.uri)
     return inputs
 
 

@@ -20,10 +20,11 @@ class AlignmentSettings(Section):
 
 def train_policy(cfg: AlignmentSettings, data: Path, policy: Path | str, out: Path, ctx,
                  make_trainer: Callable[[dict, object, dict], object], data_kind: str = "preference",
-                 prepare: Callable[[object], object] | None = None) -> dict[str, float]:
-    """Load the policy at `policy` and the `data_kind` training split (through `prepare`, when given), build
-    the method's trainer with `make_trainer(trainer_kwargs, train_split, common_kwargs)`, train (resuming from
-    a stored checkpoint), save the policy to `out`."""
+                 prepare: Callable[[object, object, object], object] | None = None) -> dict[str, float]:
+    """Load the policy at `policy` and the `data_kind` training split (through `prepare(split, model, tokenizer)`,
+    when given: self-play and judged rounds generate their pairs there), build the method's trainer with
+    `make_trainer(trainer_kwargs, train_split, common_kwargs)`, train (resuming from a stored checkpoint), save
+    the policy to `out`."""
     from tasks.data import load_split
     from tasks.modeling import load_causal_lm, load_tokenizer, save_model
     from tasks.training import final_train_metrics, peft_config, seed_everything, trainer_kwargs, train_with_checkpoints
@@ -32,10 +33,10 @@ def train_policy(cfg: AlignmentSettings, data: Path, policy: Path | str, out: Pa
     train = load_split(data, data_kind, "train")
     if train is None:
         raise ValueError(f"{ctx.stage}: the prepared data has no {data_kind}/train split")
-    if prepare is not None:
-        train = prepare(train)
     tokenizer = load_tokenizer(policy, ctx.trust_remote_code)
     model = load_causal_lm(policy, ctx.trust_remote_code)
+    if prepare is not None:
+        train = prepare(train, model, tokenizer)
     common = dict(model=model, processing_class=tokenizer, peft_config=peft_config(cfg.training.lora),
                   callbacks=ctx.callbacks())
     with tempfile.TemporaryDirectory() as scratch:

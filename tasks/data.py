@@ -645,7 +645,7 @@ def _work(cfg: DataConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
     return metrics
 
 
-def source_refs(cfg: DataConfig) -> dict[str, dict]:
+def source_refs(cfg: DataConfig, tracking_uri: str | None = None) -> dict[str, dict]:
     """The recipe's data sources as stage inputs ("<kind>.<index>"): their fingerprints key the stage, and a
     Hub data set's resolved commit travels with them so the run reads exactly that commit."""
     from tasks.sources import fingerprint

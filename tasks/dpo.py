@@ -25,7 +25,8 @@ class DPOStageConfig(AlignmentSettings):
     training: DPOTraining = Field(default_factory=DPOTraining, description="Hyperparameters of the DPO run.")
 
 
-def _train(cfg: DPOStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
+def dpo_trainer(cfg: DPOStageConfig):
+    """make_trainer for train_policy: TRL's DPOTrainer with the stage's loss (dpo, spin, online_dpo)."""
     def make_trainer(base_args: dict, train, common: dict):
         from trl import DPOConfig, DPOTrainer
 
@@ -33,7 +34,11 @@ def _train(cfg: DPOStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float
                          loss_type=cfg.loss_type, loss_weights=cfg.loss_weights)
         return DPOTrainer(args=args, train_dataset=train, **common)
 
-    return train_policy(cfg, inputs["data"], inputs["policy"], out, ctx, make_trainer)
+    return make_trainer
+
+
+def _train(cfg: DPOStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
+    return train_policy(cfg, inputs["data"], inputs["policy"], out, ctx, dpo_trainer(cfg))
 
 
 def _work(cfg: DPOStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:

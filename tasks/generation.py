@@ -67,3 +67,15 @@ def reply_logprobs(model, tokenizer, prompts: list[list[dict]], replies: list[st
             mask[i, : n - 1] = 0
         out += (logp * mask).sum(-1).tolist()
     return out
+
+
+def sample_replies(model, tokenizer, prompts: list[list[dict]], n: int, max_new_tokens: int, temperature: float,
+                   seed: int, batch_size: int = 64) -> list[list[str]]:
+    """n replies per prompt from the model (on the accelerator), sampled at `temperature`; 0 = greedy."""
+    from tasks.modeling import accelerator
+
+    model.to(accelerator())
+    repeated = [p for p in prompts for _ in range(n)]
+    flat = generate(model, tokenizer, repeated, max_new_tokens, batch_size, do_sample=temperature > 0,
+                    temperature=temperature or 1.0, seed=seed)
+    return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]

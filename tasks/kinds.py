@@ -31,6 +31,9 @@ KIND_MODULES = (
     "tasks.dpo",
     "tasks.kto",
     "tasks.rlhf",
+    "tasks.rloo",
+    "tasks.spin",
+    "tasks.online_dpo",
     "tasks.evaluate",
 )
 
@@ -63,8 +66,9 @@ class StageKind:
     more_inputs: Slot | None = None
     # Data kinds a data-producing stage provides, from its config (prepare_data).
     provides: Callable[[Any], set[str]] | None = None
-    # The external inputs a stage reads directly from its config (prepare_data's sources), as refs.
-    source_inputs: Callable[[Any], dict[str, dict]] | None = None
+    # The external inputs a stage reads directly from its config (prepare_data's sources, a judge's prompt
+    # version), as refs: source_inputs(config, tracking_uri).
+    source_inputs: Callable[[Any, str | None], dict[str, dict]] | None = None
 
     @property
     def module(self) -> str:
@@ -82,8 +86,8 @@ class StageKind:
         return self.inputs.get(name) or self.more_inputs
 
     def loop_slot(self) -> str | None:
-        """The input a repeated instance's round k takes from round k-1: the one slot of the output's type."""
-        same = [name for name, slot in self.inputs.items() if slot.type == self.output]
+        """The input a repeated instance's round k takes from round k-1: the one required slot of the output's type."""
+        same = [name for name, slot in self.inputs.items() if slot.type == self.output and slot.required]
         return same[0] if len(same) == 1 else None
 
 

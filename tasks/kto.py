@@ -60,7 +60,7 @@ def label_counts(train) -> dict[str, float]:
 def _train(cfg: KTOStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
     counts: dict[str, float] = {}
 
-    def prepare(train):
+    def prepare(train, model, tokenizer):
         rows = unpaired_rows(train, cfg.data_kind, ctx.seed)
         counts.update(label_counts(rows))
         return rows

@@ -57,9 +57,10 @@ def run_training(function, t: TrainingSettings, cfg, inputs: dict[str, Any], out
         metrics_path = Path(scratch) / "metrics.json"
         spec.write_text(json.dumps({
             "target": _qualified(function), "config_class": _qualified(type(cfg)),
-            "config": cfg.model_dump(mode="json"), "inputs": {k: str(v) for k, v in inputs.items()}, "out": str(out),
+            "config": cfg.model_dump(mode="json"), "inputs": {k: v if isinstance(v, dict) else str(v) for k, v in inputs.items()}, "out": str(out),
             "seed": ctx.seed, "env": ctx.env.to_dict() if isinstance(ctx.env, RunEnv) else None,
             "run_id": ctx.run_id, "metrics_path": str(metrics_path), "stage": ctx.stage, "cache_key": ctx.cache_key,
+            "round": ctx.round, "refs": ctx.refs,
             "trainer_output": str(Path(scratch) / "trainer"), "errors": scratch,
         }))
         root = Path(__file__).resolve().parent.parent
@@ -100,10 +101,10 @@ def main(spec_path: str) -> None:
     try:
         env = RunEnv(**spec["env"]) if spec["env"] else None
         ctx = StageContext(seed=spec["seed"], env=env, run_id=spec["run_id"] if is_main_process() else None,
-                           stage=spec["stage"], cache_key=spec["cache_key"])
+                           stage=spec["stage"], cache_key=spec["cache_key"], round=spec["round"], refs=spec["refs"])
         # One trainer folder for all ranks: each rank writes its own RNG state into the same checkpoint.
         os.environ[TRAINER_OUTPUT_ENV] = spec["trainer_output"]
-        inputs = {k: Path(v) if Path(v).exists() else v for k, v in spec["inputs"].items()}
+        inputs = {k: Path(v) if isinstance(v, str) and Path(v).exists() else v for k, v in spec["inputs"].items()}
         cfg = _function(spec["config_class"]).model_validate(spec["config"])
         metrics = _function(spec["target"])(cfg, inputs, Path(spec["out"]), ctx)
         ctx.flush()

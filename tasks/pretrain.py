@@ -155,7 +155,7 @@ KIND = StageKind(
     output="policy",
     work=_work,
     headline=("train/final_loss",),
-    source_inputs=lambda cfg: _corpus_ref(cfg),
+    source_inputs=lambda cfg, tracking_uri=None: _corpus_ref(cfg),
 )
 
 

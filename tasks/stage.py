@@ -54,6 +54,8 @@ class StageContext:
     run_id: str | None  # None: nothing is logged (a non-zero rank, or a plain call)
     stage: str | None = None  # the recipe instance (its round: sft, dpo.round2)
     cache_key: str | None = None
+    round: int = 1  # the round of a repeated instance (rounds: N), 1 otherwise
+    refs: dict = field(default_factory=dict)  # the inputs as references {slot: {uri, digest, ...}}
     pending: list = field(default_factory=list)  # curve points being logged in the background
 
     @property
@@ -196,7 +198,8 @@ def execute_stage(kind: str, instance: str, config: dict, inputs: dict[str, dict
     )
     logger.info("[%s] MLflow run %s", instance, tracking.run_link(run_env.tracking_uri, run_env.experiment_id, run_id))
     started = time.monotonic()
-    ctx = StageContext(seed=seed, env=run_env, run_id=run_id, stage=instance, cache_key=key)
+    ctx = StageContext(seed=seed, env=run_env, run_id=run_id, stage=instance, cache_key=key, round=round_,
+                       refs=dict(inputs))
     try:
         tracking.log_params(run_env.tracking_uri, run_id, tracking.flatten(tracking.redact(config)))
         tracking.set_tags(run_env.tracking_uri, run_id,

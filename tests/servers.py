@@ -181,3 +181,28 @@ class HubAPI:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class OpenAIServer:
+    """tests/openai_server.py in its own process: an OpenAI-compatible chat API judging by a rule."""
+
+    def __init__(self, tmp_path: Path, *args: str):
+        port_file = tmp_path / f"port-{time.monotonic_ns()}"
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "openai_server.py"), "--port-file",
+                                      str(port_file), *args])
+        deadline = time.monotonic() + 30
+        while not port_file.exists() or not port_file.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the OpenAI-compatible test server did not start")
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{port_file.read_text()}/v1"
+
+    def stats(self) -> dict:
+        import json
+
+        with urllib.request.urlopen(self.url.rsplit("/v1", 1)[0] + "/stats", timeout=10) as response:
+            return json.loads(response.read())
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()

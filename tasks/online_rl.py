@@ -1,0 +1,108 @@
+"""What the online RL methods (GRPO in tasks/rlhf.py, RLOO in tasks/rloo.py) share: sampling settings, and
+the rewards their rollouts are scored by — a reward model, rules (verifiers) and judges, weighted and summed."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator, model_validator
+
+from tasks.align import AlignmentSettings
+from tasks.judges import JudgeSettings, load_function
+from tasks.kinds import Slot
+from tasks.training import Section
+
+
+class Verifier(Section):
+    function: str = Field(description="`module:function` computing rewards as TRL reward functions do: "
+                          "f(prompts, completions, **columns) -> list[float]; its module's source is in the cache key.")
+    weight: float = Field(1.0, ge=0, description="Weight of this reward in the sum the policy optimizes.")
+
+    @field_validator("function")
+    @classmethod
+    def _module_and_name(cls, value: str) -> str:
+        module, _, name = value.partition(":")
+        if not module or not name.isidentifier():
+            raise ValueError(f"{value!r}: expected module:function, e.g. tasks.synthetic:arithmetic_reward")
+        return value
+
+
+class OnlineRLSettings(AlignmentSettings):
+    num_generations: int = Field(8, ge=2, description="Completions sampled per prompt (the group GRPO and RLOO "
+                                 "compare each completion with).")
+    max_completion_length: int = Field(256, ge=1, description="Longest sampled completion, in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature for the rollouts.")
+    num_iterations: int = Field(1, ge=1, description="Optimizer passes over each batch of rollouts (mu); "
+                                "above 1, PPO-style clipping bounds each pass.")
+    verifiers: list[Verifier] = Field(
+        default_factory=list, description="Rule-based rewards added to (or, without a `reward` input, instead of) "
+        "the reward model's, e.g. [{function: 'tasks.synthetic:arithmetic_reward', weight: 1.0}].")
+    judges: list[JudgeSettings] = Field(
+        default_factory=list, description="AI judges scoring each completion (RLAIF): a local model (the `judge` "
+        "input) or an OpenAI-compatible endpoint, each with its `weight`.")
+    reward_model_weight: float = Field(1.0, ge=0, description="Weight of the reward model's score when verifiers "
+                                       "or judges are used too.")
+
+    @model_validator(mode="after")
+    def _has_a_reward(self):
+        inputs = getattr(self, "inputs", None)  # present when validated as a recipe instance
+        if inputs is not None and "reward" not in inputs and not self.verifiers and not self.judges:
+            raise ValueError("no reward: give a `reward` input (a reward model), `verifiers`, `judges`, or some of them")
+        if inputs is not None and any(j.backend == "hf_model" for j in self.judges) and "judge" not in inputs:
+            raise ValueError("a judge with backend hf_model reads the `judge` input (a stage or a model reference)")
+        return self
+
+    @model_validator(mode="after")
+    def _group_divides_batch(self):
+        t = self.training
+        if (t.batch_size * t.gradient_accumulation_steps) % self.num_generations:
+            raise ValueError(
+                f"num_generations={self.num_generations} must divide the effective batch (training.batch_size x "
+                f"gradient_accumulation_steps = {t.batch_size * t.gradient_accumulation_steps})"
+            )
+        return self
+
+
+ONLINE_RL_INPUTS = {
+    "data": Slot("data", "prepared data whose preference prompts are the RL prompts", data=("preference",)),
+    "policy": Slot("policy", "the starting policy, also the KL reference"),
+    "reward": Slot("reward", "the reward model that scores sampled completions (optional with verifiers or judges)",
+                   required=False),
+    "judge": Slot("policy", "the model an hf_model judge asks (optional)", required=False),
+}
+
+
+def reward_functions(cfg: OnlineRLSettings, inputs: dict, ctx) -> tuple[list, list[float], list]:
+    """(reward_funcs, reward_weights, reward_processing_classes) for a TRL online trainer."""
+    from tasks.judges import build_judge, judge_prompts
+    from tasks.modeling import load_reward_model, load_tokenizer
+
+    funcs, weights, tokenizers = [], [], []
+    if inputs.get("reward") is not None:
+        funcs.append(load_reward_model(inputs["reward"], ctx.trust_remote_code).requires_grad_(False).eval())
+        tokenizers.append(load_tokenizer(inputs["reward"], ctx.trust_remote_code))
+        weights.append(cfg.reward_model_weight)
+    for verifier in cfg.verifiers:
+        funcs.append(load_function(verifier.function))
+        tokenizers.append(None)
+        weights.append(verifier.weight)
+    for index, judge_cfg in enumerate(cfg.judges):
+        judge = build_judge(judge_cfg, judge_prompts(inputs, f"judge.{index}"), inputs.get("reward"), inputs.get("judge"),
+                            ctx.env.tracking_uri if ctx.env else None, ctx.trust_remote_code,
+                            judge_digest=ctx.refs.get("judge", {}).get("digest"))
+        funcs.append(judge.as_reward_function())
+        tokenizers.append(None)
+        weights.append(judge_cfg.weight)
+    if not funcs:
+        raise ValueError(f"{ctx.stage}: no reward: give a `reward` input, `verifiers` or `judges`")
+    return funcs, weights, tokenizers
+
+
+def reward_sources(cfg: OnlineRLSettings, tracking_uri: str | None = None) -> dict[str, dict]:
+    """Each verifier's module source and each judge's prompt version as stage inputs: editing a rule or a prompt
+    reruns the stage."""
+    from tasks.judges import function_source, judge_sources
+
+    refs = {f"verifier.{i}": function_source(v.function) for i, v in enumerate(cfg.verifiers)}
+    for index, judge in enumerate(cfg.judges):
+        refs |= judge_sources(judge, ("score",), f"judge.{index}", tracking_uri)
+    return refs
+
