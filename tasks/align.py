@@ -34,7 +34,7 @@ def train_policy(cfg: AlignmentSettings, data: Path, policy: Path | str, out: Pa
     if train is None:
         raise ValueError(f"{ctx.stage}: the prepared data has no {data_kind}/train split")
     tokenizer = load_tokenizer(policy, ctx.trust_remote_code)
-    model = load_causal_lm(policy, ctx.trust_remote_code)
+    model = load_causal_lm(policy, ctx.trust_remote_code, for_training=True)
     if prepare is not None:
         train = prepare(train, model, tokenizer)
     common = dict(model=model, processing_class=tokenizer, peft_config=peft_config(cfg.training.lora),
@@ -42,13 +42,28 @@ def train_policy(cfg: AlignmentSettings, data: Path, policy: Path | str, out: Pa
     with tempfile.TemporaryDirectory() as scratch:
         trainer = make_trainer(trainer_kwargs(cfg.training, Path(scratch), ctx.seed), train, common)
         resumed = train_with_checkpoints(trainer, ctx.checkpoints(cfg.training))
-    save_model(trainer.model, tokenizer, out)
-    return {**final_train_metrics(trainer), **resumed}
+    sizes = save_model(trainer.model, tokenizer, out, base=ctx.refs.get("policy") or policy)
+    return {**final_train_metrics(trainer), **resumed, **sizes}
+
+
+PAIRS_FILE = "pairs.jsonl"
+
+
+def keep_pairs(out: Path, records: list[dict]) -> None:
+    """The pairs a stage made itself (self-play, judged samples), kept beside its policy and in its MLflow run."""
+    import json
+
+    from tasks.ranks import is_main_process
+
+    if is_main_process():
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / PAIRS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def run_alignment(train_function, cfg: AlignmentSettings, inputs: dict, out: Path, ctx,
                   data_kind: str = "preference") -> dict[str, float]:
-    """A method's stage work: log the split it trains on, train (in one or more processes), log the policy."""
+    """A method's stage work: log the split it trains on, train (in one or more processes), log the policy (and
+    the pairs it made, if any)."""
     from tasks import tracking
     from tasks.launch import run_training
     from tasks.sft import log_training_split
@@ -56,4 +71,6 @@ def run_alignment(train_function, cfg: AlignmentSettings, inputs: dict, out: Pat
     log_training_split(ctx, inputs["data"], data_kind)
     metrics = run_training(train_function, cfg.training, cfg, inputs, out, ctx)
     tracking.log_model_folder(ctx.env, ctx.run_id, out, "policy")
+    if ctx.run_id and (out / PAIRS_FILE).exists():
+        tracking.log_artifact(ctx.env.tracking_uri, ctx.run_id, out / PAIRS_FILE, "pairs")
     return metrics

@@ -60,7 +60,7 @@ def reply_logprobs(model, tokenizer, prompts: list[list[dict]], replies: list[st
         enc = tokenizer([_chat(tokenizer, p, r) for p, r in zip(ps, rs)], return_tensors="pt", padding=True,
                         add_special_tokens=False).to(model.device)
         with torch.no_grad():
-            logits = model(**enc).logits.float()
+            logits = model(**enc).logits[:, -enc["input_ids"].shape[1] :].float()  # a soft prompt adds positions
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, enc["input_ids"][:, 1:, None])[..., 0]
         mask = enc["attention_mask"][:, 1:].clone()
         for i, n in enumerate(prompt_lens):

@@ -83,11 +83,25 @@ def _place(model, on_device: bool):
 
 
 def load_causal_lm(source: str | Path, trust_remote_code: bool = False, dtype: str = "float32",
-                   on_device: bool = False):
-    """A causal LM; with on_device, on the accelerator (training leaves placement to the Trainer)."""
+                   on_device: bool = False, for_training: bool = False):
+    """A causal LM; with on_device, on the accelerator (training leaves placement to the Trainer). A folder holding
+    a prompt-tuning adapter (materialize_adapter) loads as its base with the soft prompt; such a model is
+    evaluated, not trained further."""
     from transformers import AutoModelForCausalLM
 
     _quiet_loading()
+    if is_adapter(source):
+        import json
+
+        from peft import AutoPeftModelForCausalLM
+
+        mergeable = json.loads((Path(source) / "adapter_config.json").read_text()).get("peft_type") in MERGEABLE
+        if for_training and not mergeable:
+            raise ValueError(f"{source}: a prompt-tuned model (soft prompt over a frozen base) can be evaluated or "
+                             "used as a judge, not trained further; train from its base instead")
+        model = AutoPeftModelForCausalLM.from_pretrained(str(source), trust_remote_code=trust_remote_code,
+                                                         dtype=inference_dtype(dtype))
+        return _place(model.merge_and_unload() if mergeable else model, on_device)
     model = AutoModelForCausalLM.from_pretrained(
         str(source), trust_remote_code=trust_remote_code, use_safetensors=True, dtype=inference_dtype(dtype)
     )
@@ -119,19 +133,85 @@ def free(model) -> None:
         torch.cuda.empty_cache()
 
 
-def save_model(model, tokenizer, out: Path) -> None:
-    """save_pretrained both, in safetensors; a PEFT model is merged first so later stages load plain weights.
+ADAPTER_BASE = "adapter_base.json"  # beside a stored adapter: the model it adapts, as a stage-input reference
+# PEFT methods whose weights fold into the base (merge_and_unload); the others (prompt tuning and its kin) add
+# inputs, so their adapter stays an adapter and is loaded on top of its base.
+MERGEABLE = {"LORA", "LOHA", "LOKR", "ADALORA", "IA3", "OFT", "BOFT", "VERA", "FOURIERFT", "HRA", "BONE", "RANDLORA"}
+
+
+def is_adapter(folder: str | Path) -> bool:
+    return (Path(folder) / "adapter_config.json").is_file()
+
+
+def _megabytes(tensors) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def save_model(model, tokenizer, out: Path, base: dict | str | Path | None = None) -> dict[str, float]:
+    """save_pretrained both, in safetensors. A PEFT model is saved as its adapter (a small output) with
+    `adapter_base.json` naming the model it adapts (`base`: the stage input's reference, or a folder or Hub id);
+    consumers get it merged (materialize_adapter). Returns the sizes: model/adapter_mb beside model/full_mb.
     Under multi-process training only rank 0 writes."""
+    import json
+
     from tasks.ranks import is_main_process
 
     if not is_main_process():
-        return
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+        return {}
+    out = Path(out)
+    if hasattr(model, "peft_config"):
+        adapter = [p for n, p in model.named_parameters() if p.requires_grad]
+        full = [p for n, p in model.get_base_model().named_parameters() if "lora_" not in n and "modules_to_save" not in n]
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        if base is None:
+            raise ValueError("saving an adapter needs the model it adapts (base)")
+        ref = base if isinstance(base, dict) else {
+            "uri": str(Path(base).resolve()) if Path(str(base)).exists() else str(base), "digest": "", "kind": "model"}
+        (out / ADAPTER_BASE).write_text(json.dumps(ref, sort_keys=True))
+        adapter_mb = sum(f.stat().st_size for f in out.glob("adapter_model.*")) / 2**20
+        return {"model/adapter_mb": adapter_mb, "model/full_mb": _megabytes(full),
+                "model/trainable_parameters": float(sum(p.numel() for p in adapter))}
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    return {"model/full_mb": _megabytes(model.parameters())}
+
+
+def materialize_adapter(folder: Path, digest: str, resolve_base) -> Path:
+    """A stored adapter as something a consumer loads like any model: a LoRA-family adapter merged into its base
+    (full weights, so the next stage's reference is this stage's policy); a prompt-tuning adapter kept as an
+    adapter whose config points at its base's local folder. `resolve_base(ref)` materializes the base (which may
+    itself be an adapter). Cached locally by the adapter's digest."""
+    import json
+    import os
+    import tempfile
+
+    from tasks.store import state_home
+
+    target = state_home() / "cache" / "adapters" / digest
+    if (target / "config.json").exists() or (target / "adapter_config.json").exists():
+        return target
+    base = resolve_base(json.loads((folder / ADAPTER_BASE).read_text()))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".merge-", dir=target.parent))
+    if config.get("peft_type") in MERGEABLE:
+        from peft import PeftModel
+
+        seq_cls = config.get("task_type") == "SEQ_CLS"
+        base_model = (load_reward_model if seq_cls else load_causal_lm)(base)
+        merged = PeftModel.from_pretrained(base_model, str(folder)).merge_and_unload()
+        save_model(merged, load_tokenizer(folder), tmp)
+    else:
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        (tmp / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process merged the same adapter first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 MODEL_REFERENCE_HELP = "Hub id org/name[@revision], local folder, fsspec URI (s3://...), or models:/name@alias"

@@ -9,13 +9,12 @@ kept beside its policy (pairs.jsonl) and in its MLflow run.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tasks.align import run_alignment, train_policy
+from tasks.align import keep_pairs, run_alignment, train_policy
 from tasks.dpo import DPOStageConfig, dpo_trainer
 from tasks.judges import JudgeSettings
 from tasks.kinds import Slot, StageKind
@@ -102,7 +101,6 @@ def _add(rows: dict, prompt, chosen: str, rejected: str) -> None:
 
 def _train(cfg: OnlineDPOStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
     from tasks.judges import build_judge, judge_prompts
-    from tasks.ranks import is_main_process
 
     counts: dict[str, float] = {}
 
@@ -112,9 +110,7 @@ def _train(cfg: OnlineDPOStageConfig, inputs: dict, out: Path, ctx) -> dict[str,
                             judge_digest=ctx.refs.get("judge", {}).get("digest"))
         pairs, made, records = judged_pairs(cfg, train, model, tokenizer, judge, ctx.seed, ctx.round)
         counts.update(made)
-        if is_main_process():
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        keep_pairs(out, records)
         del judge
         return pairs
 
@@ -123,12 +119,7 @@ def _train(cfg: OnlineDPOStageConfig, inputs: dict, out: Path, ctx) -> dict[str,
 
 
 def _work(cfg: OnlineDPOStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
-    from tasks import tracking
-
-    metrics = run_alignment(_train, cfg, inputs, out, ctx)
-    if ctx.run_id and (out / "pairs.jsonl").exists():
-        tracking.log_artifact(ctx.env.tracking_uri, ctx.run_id, out / "pairs.jsonl", "judged")
-    return metrics
+    return run_alignment(_train, cfg, inputs, out, ctx)
 
 
 def judge_sources(cfg: OnlineDPOStageConfig, tracking_uri: str | None = None) -> dict[str, dict]:

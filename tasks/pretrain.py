@@ -75,14 +75,15 @@ def pretrain(cfg: PretrainConfig, texts: list[str], out: Path, seed: int, callba
             model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks)
         )
         resumed = train_with_checkpoints(trainer, checkpoints)
-    save_model(trainer.model, tokenizer, out)
-    metrics = {**final_train_metrics(trainer), **resumed}
+    sizes = save_model(trainer.model, tokenizer, out)
+    metrics = {**final_train_metrics(trainer), **resumed, **sizes}
     metrics["model/parameters"] = float(sum(p.numel() for p in model.parameters()))
     return metrics
 
 
 def continue_pretraining(cfg: PretrainConfig, texts, base: Path | str, out: Path, seed: int, callbacks=(),
-                         trust_remote_code: bool = False, checkpoints=None) -> dict[str, float]:
+                         trust_remote_code: bool = False, checkpoints=None,
+                         base_ref: dict | None = None) -> dict[str, float]:
     """Language-model training of an existing model (and its tokenizer) on `texts` (a list or a Dataset
     with a `text` column); saves the result to out."""
     import tempfile
@@ -96,7 +97,7 @@ def continue_pretraining(cfg: PretrainConfig, texts, base: Path | str, out: Path
 
     seed_everything(seed, cfg.training.deterministic_kernels)
     tokenizer = load_tokenizer(base, trust_remote_code)
-    model = load_causal_lm(base, trust_remote_code)
+    model = load_causal_lm(base, trust_remote_code, for_training=True)
     dataset = texts if isinstance(texts, Dataset) else Dataset.from_dict({"text": list(texts)})
     with tempfile.TemporaryDirectory() as scratch:
         args = SFTConfig(**trainer_kwargs(cfg.training, Path(scratch), seed), max_length=cfg.training.max_length,
@@ -104,8 +105,8 @@ def continue_pretraining(cfg: PretrainConfig, texts, base: Path | str, out: Path
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=peft_config(cfg.training.lora), callbacks=list(callbacks))
         resumed = train_with_checkpoints(trainer, checkpoints)
-    save_model(trainer.model, tokenizer, out)
-    return {**final_train_metrics(trainer), **resumed}
+    sizes = save_model(trainer.model, tokenizer, out, base=base_ref or base)
+    return {**final_train_metrics(trainer), **resumed, **sizes}
 
 
 def _texts(cfg: PretrainConfig, inputs: dict):
@@ -131,7 +132,7 @@ def _train(cfg: PretrainConfig, inputs: dict, out: Path, ctx) -> dict[str, float
     texts = _texts(cfg, inputs)
     if inputs.get("base") is not None:
         return continue_pretraining(cfg, texts, inputs["base"], out, ctx.seed, ctx.callbacks(),
-                                    ctx.trust_remote_code, ctx.checkpoints(cfg.training))
+                                    ctx.trust_remote_code, ctx.checkpoints(cfg.training), ctx.refs.get("base"))
     if not isinstance(texts, list):
         texts = list(texts["text"])
     return pretrain(cfg, texts, out, ctx.seed, ctx.callbacks(), ctx.checkpoints(cfg.training))

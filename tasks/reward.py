@@ -23,7 +23,7 @@ class RewardStageConfig(Section):
 
 
 def train_reward(cfg: RewardStageConfig, data: Path, init: Path, out: Path, seed: int, callbacks=(),
-                 trust_remote_code: bool = False, checkpoints=None) -> dict[str, float]:
+                 trust_remote_code: bool = False, checkpoints=None, init_ref: dict | None = None) -> dict[str, float]:
     """Train a sequence-classification reward model from `init` on data/preference; report held-out accuracy."""
     from trl import RewardConfig, RewardTrainer
 
@@ -52,7 +52,7 @@ def train_reward(cfg: RewardStageConfig, data: Path, init: Path, out: Path, seed
         metrics = {**final_train_metrics(trainer), **resumed}
     if held_out is not None:
         metrics.update(pairwise_accuracy(trainer.model, tokenizer, held_out))
-    save_model(trainer.model, tokenizer, out)
+    metrics.update(save_model(trainer.model, tokenizer, out, base=init_ref or init))
     return metrics
 
 
@@ -73,7 +73,7 @@ def pairwise_accuracy(model, tokenizer, pairs) -> dict[str, float]:
 
 def _train(cfg: RewardStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
     return train_reward(cfg, inputs["data"], inputs["init"], out, ctx.seed, ctx.callbacks(), ctx.trust_remote_code,
-                        ctx.checkpoints(cfg.training))
+                        ctx.checkpoints(cfg.training), ctx.refs.get("init"))
 
 
 def _work(cfg: RewardStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:

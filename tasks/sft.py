@@ -6,13 +6,21 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tasks.kinds import Slot, StageKind
 from tasks.training import Section, stage_training
 
 SFTTraining = stage_training("SFTTraining", "TRL SFTConfig (lr 2e-5, max_length 1024, batch 8), one epoch as in the "
                              "alignment-handbook SFT recipes", learning_rate=2e-5, epochs=1.0)
+
+
+class PromptTuningSettings(Section):
+    enabled: bool = Field(False, description="Train soft prompt embeddings only (PEFT prompt tuning), the model "
+                          "frozen; the output is the prompt (an adapter), loaded on top of the base by consumers.")
+    num_virtual_tokens: int = Field(20, ge=1, description="Length of the soft prompt, in virtual tokens.")
+    init_text: str | None = Field(None, description="Initialise the soft prompt from this text's token embeddings "
+                                  "(PEFT's TEXT init); random when unset.")
 
 
 class SFTStageConfig(Section):
@@ -22,11 +30,19 @@ class SFTStageConfig(Section):
         "auto", description="Train on assistant turns only (user and tool turns inside a multi-turn completion are "
         "context). 'auto': on when the data has multi-turn completions. Needs a chat template with "
         "{% generation %} markers; TRL supplies them for the common model families.")
+    prompt_tuning: PromptTuningSettings = Field(default_factory=PromptTuningSettings,
+                                                description="Soft-prompt tuning instead of full or LoRA fine-tuning.")
+
+    @model_validator(mode="after")
+    def _one_peft_method(self) -> "SFTStageConfig":
+        if self.prompt_tuning.enabled and self.training.lora.enabled:
+            raise ValueError("choose one of training.lora and prompt_tuning")
+        return self
 
 
 def train_sft(cfg: SFTStageConfig, data: Path, base: Path, out: Path, seed: int, callbacks=(),
-              trust_remote_code: bool = False, checkpoints=None) -> dict[str, float]:
-    """Fine-tune the model at `base` on the prepared sft split; save the (merged) model to `out`."""
+              trust_remote_code: bool = False, checkpoints=None, base_ref: dict | None = None) -> dict[str, float]:
+    """Fine-tune the model at `base` on the prepared sft split; save the model (or the adapter) to `out`."""
     from tasks.data import load_split
     from tasks.modeling import save_model
     from tasks.training import final_train_metrics, train_with_checkpoints
@@ -39,7 +55,7 @@ def train_sft(cfg: SFTStageConfig, data: Path, base: Path, out: Path, seed: int,
         metrics = {**final_train_metrics(trainer), **resumed}
         if held_out is not None:
             metrics["eval/loss"] = float(trainer.evaluate(held_out)["eval_loss"])
-    save_model(trainer.model, tokenizer, out)
+    metrics.update(save_model(trainer.model, tokenizer, out, base=base_ref or base))
     return metrics
 
 
@@ -63,7 +79,7 @@ def sft_trainer(cfg: SFTStageConfig, data: Path, base: Path, scratch: Path, seed
         stats = json.loads((Path(data) / "stats.json").read_text()).get("sft", {})
         assistant_only = stats.get("multi_turn_rows", 0) > 0
     tokenizer = load_tokenizer(base, trust_remote_code)
-    model = load_causal_lm(base, trust_remote_code)
+    model = load_causal_lm(base, trust_remote_code, for_training=True)
     args = SFTConfig(
         **trainer_kwargs(cfg.training, scratch, seed),
         max_length=cfg.training.max_length,
@@ -71,13 +87,21 @@ def sft_trainer(cfg: SFTStageConfig, data: Path, base: Path, scratch: Path, seed
         assistant_only_loss=assistant_only,
         packing=False,
     )
+    peft = peft_config(cfg.training.lora)
+    if cfg.prompt_tuning.enabled:
+        from peft import PromptTuningConfig
+
+        init = cfg.prompt_tuning.init_text
+        peft = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.prompt_tuning.num_virtual_tokens,
+                                  prompt_tuning_init="TEXT" if init else "RANDOM", prompt_tuning_init_text=init,
+                                  tokenizer_name_or_path=str(base) if init else None)
     return SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
-                      peft_config=peft_config(cfg.training.lora), callbacks=list(callbacks))
+                      peft_config=peft, callbacks=list(callbacks))
 
 
 def _train(cfg: SFTStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
     return train_sft(cfg, inputs["data"], inputs["base"], out, ctx.seed, ctx.callbacks(), ctx.trust_remote_code,
-                     ctx.checkpoints(cfg.training))
+                     ctx.checkpoints(cfg.training), ctx.refs.get("base"))
 
 
 def _work(cfg: SFTStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from tasks.align import run_alignment, train_policy
+from tasks.align import keep_pairs, run_alignment, train_policy
 from tasks.dpo import DPOStageConfig, dpo_trainer
 from tasks.kinds import Slot, StageKind
 from tasks.training import stage_training
@@ -33,7 +33,7 @@ class SPINStageConfig(DPOStageConfig):
 
 
 def self_play_pairs(cfg: SPINStageConfig, train, model, tokenizer, seed: int, round_: int):
-    """(pairs, counts): the demonstrations as chosen, the model's own replies as rejected."""
+    """(pairs, counts, records): the demonstrations as chosen, the model's own replies as rejected."""
     from datasets import Dataset
 
     from tasks.generation import sample_replies
@@ -45,8 +45,12 @@ def self_play_pairs(cfg: SPINStageConfig, train, model, tokenizer, seed: int, ro
     replies = sample_replies(model, tokenizer, prompts, 1, cfg.max_completion_length, cfg.temperature,
                              seed * 1000 + round_)
     rows = {"prompt": [], "chosen": [], "rejected": []}
+    records = []
     for prompt, demo, (reply,) in zip(prompts, demonstrations, replies):
-        if reply.strip() == demo[-1]["content"].strip():
+        same = reply.strip() == demo[-1]["content"].strip()
+        records.append({"prompt": prompt[-1]["content"], "demonstration": demo[-1]["content"], "reply": reply,
+                        "kept": not same})
+        if same:
             continue
         rows["prompt"].append(prompt)
         rows["chosen"].append(demo)
@@ -58,15 +62,16 @@ def self_play_pairs(cfg: SPINStageConfig, train, model, tokenizer, seed: int, ro
     if not rows["prompt"]:
         raise ValueError(f"spin round {round_}: the model's replies match every demonstration; nothing is left to "
                          "learn (stop the rounds here)")
-    return Dataset.from_dict(rows), counts
+    return Dataset.from_dict(rows), counts, records
 
 
 def _train(cfg: SPINStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
     counts: dict[str, float] = {}
 
     def prepare(train, model, tokenizer):
-        pairs, made = self_play_pairs(cfg, train, model, tokenizer, ctx.seed, ctx.round)
+        pairs, made, records = self_play_pairs(cfg, train, model, tokenizer, ctx.seed, ctx.round)
         counts.update(made)
+        keep_pairs(out, records)
         return pairs
 
     metrics = train_policy(cfg, inputs["data"], inputs["policy"], out, ctx, dpo_trainer(cfg), "sft", prepare)

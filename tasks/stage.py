@@ -167,7 +167,12 @@ def materialize_input(store: ArtifactStore, raw: dict, tracking_uri: str | None 
         return dict(raw)
     ref = Ref.from_dict(raw)
     if ref.uri.startswith(store.root_uri + "/"):
-        return store.materialize(ref)
+        from tasks.modeling import is_adapter, materialize_adapter
+
+        local = store.materialize(ref)
+        if is_adapter(local):  # an adapter output: merged into its base (or, prompt tuning, put on top of it)
+            return materialize_adapter(local, ref.digest, lambda base: materialize_input(store, base, tracking_uri))
+        return local
     from tasks.modeling import materialize_external
 
     return materialize_external(raw, tracking_uri)

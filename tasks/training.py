@@ -20,13 +20,17 @@ class Section(BaseModel):
 
 
 class LoraSettings(Section):
-    enabled: bool = Field(False, description="Train a LoRA adapter (PEFT) instead of all weights; merged on save.")
+    enabled: bool = Field(False, description="Train a LoRA adapter (PEFT) instead of all weights. The stage stores the "
+                          "adapter (a small output); a consumer gets it merged into its base.")
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: int = Field(32, ge=1, description="LoRA scaling numerator (lora_alpha).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt, or 'all-linear'."
     )
+    variant: Literal["lora", "dora", "rslora", "pissa"] = Field(
+        "lora", description="PEFT's LoRA variants: dora (weight-decomposed, use_dora), rslora (rank-stabilised "
+        "scaling alpha/sqrt(r)), pissa (initialised from the weights' principal singular vectors).")
 
 
 class TrainingSettings(Section):
@@ -143,6 +147,8 @@ def peft_config(lora: LoraSettings, task_type: str = "CAUSAL_LM"):
     return LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
         task_type=task_type, modules_to_save=["score"] if task_type == "SEQ_CLS" else None,
+        use_dora=lora.variant == "dora", use_rslora=lora.variant == "rslora",
+        init_lora_weights="pissa" if lora.variant == "pissa" else True,
     )
 
 

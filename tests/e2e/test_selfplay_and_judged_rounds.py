@@ -28,14 +28,15 @@ def test_a_spin_round_trains_demonstrations_against_the_models_own_replies(prepa
     cfg = spin.SPINStageConfig(max_completion_length=8, prompts_per_round=48, loss_type=["sigmoid"], training=TRAINING)
     train = load_split(root / "data", "sft", "train")
     model, tokenizer = load_causal_lm(root / "base"), load_tokenizer(root / "base")
-    pairs, counts = spin.self_play_pairs(cfg, train, model, tokenizer, seed=0, round_=2)
+    pairs, counts, records = spin.self_play_pairs(cfg, train, model, tokenizer, seed=0, round_=2)
+    assert len(records) == 48 and sum(r["kept"] for r in records) == len(pairs)
     demonstrations = {json.dumps(r["prompt"]): r["completion"] for r in train}
     assert len(pairs) == counts["spin/pairs"] > 0 and counts["spin/prompts"] == 48
     for row in pairs:
         assert row["chosen"] == demonstrations[json.dumps(row["prompt"])], "chosen is the human demonstration"
         assert row["rejected"][0]["content"] != row["chosen"][0]["content"]
-    again, _ = spin.self_play_pairs(cfg, train, model, tokenizer, seed=0, round_=2)
-    other, _ = spin.self_play_pairs(cfg, train, model, tokenizer, seed=0, round_=3)
+    again, _, _ = spin.self_play_pairs(cfg, train, model, tokenizer, seed=0, round_=2)
+    other, _, _ = spin.self_play_pairs(cfg, train, model, tokenizer, seed=0, round_=3)
     assert again["prompt"] == pairs["prompt"] and other["prompt"] != pairs["prompt"], "seeded per round"
     ctx = StageContext(seed=0, env=None, run_id=None, stage="spin.round1")
     metrics = spin._train(cfg, {"data": root / "data", "policy": root / "base"}, tmp_path / "policy", ctx)
