@@ -89,6 +89,7 @@ def find_garbage(store: ArtifactStore, referenced: set[str] | None, min_age_hour
                 path = f"{store.root_path.rstrip('/')}/{area}/{name}"
                 found.append(Garbage(path, f"checkpoint of the committed output {kind}/{key}", _size(fs, path)))
     if referenced is not None:
+        referenced = with_adapter_bases(store, referenced)
         for area, key in sorted(committed):
             if area.endswith(".checkpoints"):
                 continue
@@ -97,6 +98,26 @@ def find_garbage(store: ArtifactStore, referenced: set[str] | None, min_age_hour
                 path = f"{store.root_path.rstrip('/')}/{area}/{key}"
                 found.append(Garbage(path, "output no recent run references", _size(fs, path)))
     return found
+
+
+def with_adapter_bases(store: ArtifactStore, referenced: set[str]) -> set[str]:
+    """`referenced` plus every output a referenced adapter is applied to (its adapter_base.json), transitively:
+    an adapter is only usable with its base."""
+    import json
+
+    from tasks.modeling import ADAPTER_BASE
+
+    kept, todo = set(referenced), list(referenced)
+    while todo:
+        uri = todo.pop()
+        manifest = store.read_manifest(uri) if uri.startswith(store.root_uri + "/") else None
+        if not manifest or ADAPTER_BASE not in manifest.get("files", {}):
+            continue
+        base = json.loads(store.fs.cat(f"{store._path_of_uri(uri)}/{manifest['attempt']}/{ADAPTER_BASE}"))["uri"]
+        if base not in kept:
+            kept.add(base)
+            todo.append(base)
+    return kept
 
 
 def referenced_outputs(tracking_uri: str, keep_days: float) -> set[str]:

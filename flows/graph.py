@@ -67,7 +67,8 @@ def instance_problems(name: str, inst, producers: dict[str, Producer], known: li
             if producer.output != slot.type:
                 problems.append(f"{at}: {value!r} is a {producer.kind} stage, whose output is "
                                 f"{VALUE_TYPES[producer.output]}; {slot_name!r} needs {VALUE_TYPES[slot.type]}")
-            for data_kind in slot.data if producer.output == slot.type else ():
+            reads = slot.data(inst) if callable(slot.data) else slot.data
+            for data_kind in reads if producer.output == slot.type else ():
                 if data_kind not in producer.data_kinds:
                     problems.append(f"{at}: {name} reads {data_kind} data, but {value!r} prepares none "
                                     f"(set its `{data_kind}` source)")

@@ -45,7 +45,8 @@ class Slot:
     type: ValueType
     description: str
     required: bool = True
-    data: tuple[str, ...] = ()  # data slots: the data kinds (sft, preference, eval, ...) the stage reads
+    # data slots: the data kinds (sft, preference, eval, ...) the stage reads, or a function of its config
+    data: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()
 
 
 # work(config, inputs, out, ctx) -> metrics: `config` is the kind's typed config, `inputs` maps each

@@ -86,7 +86,8 @@ KIND = StageKind(
     "pairs).",
     config=KTOStageConfig,
     inputs={
-        "data": Slot("data", "prepared data with unpaired feedback (or preference pairs: data_kind)"),
+        "data": Slot("data", "prepared data with unpaired feedback (or preference pairs: data_kind)",
+                     data=lambda cfg: (cfg.data_kind,)),
         "policy": Slot("policy", "the starting policy, also the frozen reference"),
     },
     output="policy",

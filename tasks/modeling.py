@@ -160,8 +160,8 @@ def save_model(model, tokenizer, out: Path, base: dict | str | Path | None = Non
         return {}
     out = Path(out)
     if hasattr(model, "peft_config"):
-        adapter = [p for n, p in model.named_parameters() if p.requires_grad]
-        full = [p for n, p in model.get_base_model().named_parameters() if "lora_" not in n and "modules_to_save" not in n]
+        adapter = [p for p in model.parameters() if p.requires_grad]
+        full = [p for p in model.parameters() if not p.requires_grad]  # the frozen base: the merged model's size
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
         if base is None:

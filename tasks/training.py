@@ -28,6 +28,10 @@ class LoraSettings(Section):
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt, or 'all-linear'."
     )
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained in full beside the adapter and stored with it, e.g. "
+        "[embed_tokens] when the chat template's tokens are new or untrained in the base model (LoRA alone cannot "
+        "move a frozen embedding); a tied output layer stays tied.")
     variant: Literal["lora", "dora", "rslora", "pissa"] = Field(
         "lora", description="PEFT's LoRA variants: dora (weight-decomposed, use_dora), rslora (rank-stabilised "
         "scaling alpha/sqrt(r)), pissa (initialised from the weights' principal singular vectors).")
@@ -146,7 +150,8 @@ def peft_config(lora: LoraSettings, task_type: str = "CAUSAL_LM"):
 
     return LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-        task_type=task_type, modules_to_save=["score"] if task_type == "SEQ_CLS" else None,
+        task_type=task_type, modules_to_save=(["score"] if task_type == "SEQ_CLS" else []) + lora.modules_to_save or None,
+        ensure_weight_tying=bool(lora.modules_to_save),
         use_dora=lora.variant == "dora", use_rslora=lora.variant == "rslora",
         init_lora_weights="pissa" if lora.variant == "pissa" else True,
     )

@@ -50,3 +50,10 @@ def test_kto_trains_the_policy(prepared, feedback, tmp_path):
 def test_a_batch_of_one_is_refused():
     with pytest.raises(ValueError, match="training.batch_size must be at least 2"):
         KTOStageConfig(training={"batch_size": 1})
+
+
+def test_a_recipe_whose_data_stage_lacks_the_kind_kto_reads_is_refused():
+    from flows.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="kto reads preference data, but 'data' prepares none"):
+        load_config("configs/kto.yaml", ["kto.data_kind=preference"])

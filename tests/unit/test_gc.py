@@ -82,3 +82,21 @@ def test_cli_lists_then_deletes_and_has_a_version(tmp_path, monkeypatch, capsys)
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("posttrain ")
+
+
+def test_the_base_of_a_kept_adapter_is_kept(tmp_path):
+    import json
+
+    def adapter(area, key, base):
+        with store.write(area, key) as out:
+            (out.path / "adapter_config.json").write_text("{}")
+            (out.path / "adapter_base.json").write_text(json.dumps({"uri": base.uri, "digest": base.digest}))
+        return out.ref
+
+    store = ArtifactStore(str(tmp_path))
+    full = _commit(store, "sft", "sft-full")
+    lora = adapter("sft", "sft-lora", full)
+    dpo = adapter("dpo", "dpo-lora", lora)  # an adapter over an adapter over full weights
+    _commit(store, "sft", "sft-unused")
+    found = {os.path.relpath(g.path, tmp_path) for g in find_garbage(store, referenced={dpo.uri})}
+    assert found == {"sft/sft-unused"}, "the adapter's base, and that base's base, stay"

@@ -50,3 +50,14 @@ def test_a_model_named_twice_in_a_run_is_resolved_and_hashed_once(tmp_path, monk
     assert calls == [str(folder)] and first["policy"] == second["base"]
     assert first["policy"]["digest"], "the run's reference carries the folder's content digest"
     assert real(str(folder), digest=False)["digest"] == "", "pre-flight only checks it is there"
+
+
+def test_lora_variants_and_modules_to_save_reach_peft():
+    from tasks.training import LoraSettings, peft_config
+
+    assert peft_config(LoraSettings()) is None
+    dora = peft_config(LoraSettings(enabled=True, variant="dora"))
+    assert dora.use_dora and not dora.use_rslora and dora.modules_to_save is None
+    rs = peft_config(LoraSettings(enabled=True, variant="rslora", modules_to_save=["embed_tokens"]), "SEQ_CLS")
+    assert rs.use_rslora and list(rs.modules_to_save) == ["score", "embed_tokens"] and rs.ensure_weight_tying
+    assert peft_config(LoraSettings(enabled=True, variant="pissa")).init_lora_weights == "pissa"
