@@ -57,6 +57,7 @@ def one_seed(work: Path, seed: int, threads: int, bare: bool) -> dict:
     try:
         _, bakeoff = posttrain_run(home, "bakeoff", f"seed={seed}", env=env, config=str(ROOT / "configs/bakeoff.yaml"))
         _, spin = posttrain_run(home, "spin", f"seed={seed}", env=env, config=str(ROOT / "configs/spin.yaml"))
+        _, peft = posttrain_run(home, "peft", f"seed={seed}", env=env, config=str(ROOT / "configs/peft.yaml"))
     finally:
         stop_server(home)
     m, s = bakeoff["metrics"], spin["metrics"]
@@ -66,6 +67,9 @@ def one_seed(work: Path, seed: int, threads: int, bare: bool) -> dict:
            "spin_matched": [stages[f"spin.round{r}"]["metrics"]["spin/matched_fraction"] for r in (1, 2)],
            "clean_sft": s["sft/task_accuracy"], "clean_spin": s["spin/task_accuracy"],
            "clean_sft_more": s["sft_more/task_accuracy"],
+           "peft": {name: {"accuracy": peft["metrics"][f"{name}/task_accuracy"], "seconds": st["seconds"],
+                           **{k.split("/")[1]: v for k, v in st["metrics"].items() if k.startswith("model/")}}
+                    for st in peft["stages"] for name in [st["name"]] if name.startswith("sft_")},
            "stage_seconds": {name: st["seconds"] for name, st in stages.items()}}
     print(f"seed {seed}: pipelines done in {time.monotonic() - started:.0f} s", flush=True)
     if bare:
@@ -191,6 +195,17 @@ def report(rows: list[dict]) -> list[str]:
     for r in rows:
         print(f"| {r['seed']} | {r['clean_sft']:.3f} | {r['clean_spin']:.3f} | {r['clean_sft_more']:.3f} | "
               f"{r['clean_spin'] - r['clean_sft']:+.3f} | {r['clean_spin'] - r['clean_sft_more']:+.3f} |")
+    print("\nFull fine-tuning, LoRA (r 16, embed_tokens trained too) and prompt tuning (16 virtual tokens) on the "
+          "demo's SFT data (configs/peft.yaml): task accuracy per seed, stored output vs full model size")
+    print("| method | " + " | ".join(f"seed {r['seed']}" for r in rows) + " | mean | stored MB | full MB | "
+          "trainable parameters | stage s (seed 0) |")
+    print("|---" * (len(rows) + 6) + "|")
+    for name in ("sft_full", "sft_lora", "sft_prompt"):
+        first = rows[0]["peft"][name]
+        stored = first.get("adapter_mb", first["full_mb"])
+        print(f"| {name} | " + " | ".join(f"{r['peft'][name]['accuracy']:.3f}" for r in rows)
+              + f" | {statistics.mean(r['peft'][name]['accuracy'] for r in rows):.3f} | {stored:.3f} | "
+              f"{first['full_mb']:.3f} | {int(first.get('trainable_parameters', 0)) or 'all'} | {first['seconds']:.1f} |")
     timed = [r for r in rows if "bare_seconds" in r]
     for r in timed:
         print(f"\nStage seconds vs the bare TRL trainer (seed {r['seed']}, same run):")
