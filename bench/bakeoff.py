@@ -74,8 +74,10 @@ def one_seed(work: Path, seed: int, threads: int, bare: bool) -> dict:
     print(f"seed {seed}: pipelines done in {time.monotonic() - started:.0f} s", flush=True)
     if bare:
         out = home / "bare.json"
-        subprocess.run([sys.executable, __file__, "--bare", str(home / "bakeoff.json"), "--seed", str(seed),
-                        "--json", str(out)], env={**ENV, **env, "POSTTRAIN_HOME": str(home)}, check=True, cwd=ROOT)
+        with open(home / "bare.log", "w") as log:
+            subprocess.run([sys.executable, __file__, "--bare", str(home / "bakeoff.json"), "--seed", str(seed),
+                            "--json", str(out)], env={**ENV, **env, "POSTTRAIN_HOME": str(home)}, check=True,
+                           cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         row["bare_seconds"] = json.loads(out.read_text())
     return row
 
@@ -91,6 +93,7 @@ def bare_trainers(summary_path: Path, seed: int) -> dict[str, float]:
                      RLOOTrainer)
 
     from flows.config import load_config
+    from tasks.kto import unpaired_rows
     from tasks.stage import materialize_input
     from tasks.store import ArtifactStore
     from tasks.training import trainer_kwargs
@@ -155,8 +158,9 @@ def bare_trainers(summary_path: Path, seed: int) -> dict[str, float]:
     seconds = {
         "dpo": run("dpo", local["sft"], dpo_on(split("preference"))),
         "kto": run("kto", local["sft"], lambda s, common, model, tok: KTOTrainer(
-            model=model, processing_class=tok, train_dataset=split("unpaired").shuffle(seed=seed).flatten_indices(),
-            args=KTOConfig(**common, beta=s.beta, max_length=s.training.max_length))),
+            model=model, processing_class=tok, train_dataset=unpaired_rows(split(s.data_kind), s.data_kind, seed),
+            args=KTOConfig(**common, beta=s.beta, max_length=s.training.max_length,
+                           desirable_weight=s.desirable_weight, undesirable_weight=s.undesirable_weight))),
         "rlhf": run("rlhf", local["sft"], online(GRPOConfig, GRPOTrainer)),
         "rloo": run("rloo", local["sft"], online(RLOOConfig, RLOOTrainer)),
     }

@@ -270,6 +270,15 @@ class Judge:
         a, b = self.score(prompts, first), self.score(prompts, second)
         return [1.0 if x > y else 0.0 if x < y else 0.5 for x, y in zip(a, b)]
 
+    def close(self) -> None:
+        """Release the judge's model (a local judge holds one on the accelerator)."""
+        model = getattr(self, "model", None)
+        if model is not None:
+            from tasks.modeling import free
+
+            free(model)
+            self.model = None
+
     def as_reward_function(self):
         """TRL's reward-function form, for GRPO/RLOO `reward_funcs`."""
         def reward(prompts, completions, **kwargs) -> list[float]:

@@ -111,7 +111,7 @@ def _train(cfg: OnlineDPOStageConfig, inputs: dict, out: Path, ctx) -> dict[str,
         pairs, made, records = judged_pairs(cfg, train, model, tokenizer, judge, ctx.seed, ctx.round)
         counts.update(made)
         keep_pairs(out, records)
-        del judge
+        judge.close()
         return pairs
 
     metrics = train_policy(cfg, inputs["data"], inputs["policy"], out, ctx, dpo_trainer(cfg), "preference", prepare)

@@ -36,7 +36,7 @@ def repertoire_recipe(folder: Path, judge_url: str, judge_prompt: str | None = N
         "kto": {"kind": "kto", "inputs": {"data": "data", "policy": "sft"}, "data_kind": "preference",
                 "training": lora},
         "rlhf": {"kind": "rlhf", "inputs": {"data": "data", "policy": "sft", "reward": "reward"}, **ROLLOUTS,
-                 "training": lora},
+                 "judges": [{**{k: v for k, v in judge.items() if k != "prompt"}, "weight": 0.5}], "training": lora},
         "rloo": {"kind": "rloo", "inputs": {"data": "data", "policy": "sft", "reward": "reward"}, **ROLLOUTS,
                  "verifiers": [{"function": "tasks.synthetic:arithmetic_reward", "weight": 0.5}], "training": lora},
         "rlaif": {"kind": "online_dpo", "rounds": 2, "inputs": {"data": "data", "policy": "sft"}, "judge": judge,
@@ -95,6 +95,16 @@ def test_every_method_is_evaluated_side_by_side_under_its_instance_name(repertoi
     stages = by_name(summary)
     assert {"rlaif.round1", "rlaif.round2", "spin.round1", "spin.round2"} <= set(stages)
     assert stages["rlaif.round2"]["metrics"]["judge/pairs"] > 0 and stages["spin.round1"]["metrics"]["spin/pairs"] > 0
+
+
+def test_a_judge_scores_grpo_rollouts_through_the_endpoint(repertoire, judge_server):
+    _, summary = repertoire
+    asked = judge_server.stats()["prompts"]
+    scored = [p for p in asked if "Rate how correct and helpful" in p]
+    assert scored, "GRPO's rollouts were scored by the endpoint judge"
+    assert len(set(scored)) == len(scored), "a (question, reply) already judged comes from the verdict cache"
+    rlhf = by_name(summary)["rlhf"]
+    assert "train/final_reward" in rlhf["metrics"]
 
 
 def test_lora_stages_store_adapters_that_name_their_base(repertoire):
