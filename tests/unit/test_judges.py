@@ -61,7 +61,7 @@ def test_endpoint_judge_scores_and_compares_through_the_openai_api(server_factor
 
 
 def test_endpoint_judge_sends_requests_concurrently(server_factory, registry, tmp_path):
-    server = server_factory("--delay", "0.3")
+    server = server_factory("--delay", "1.0")
     judge = endpoint_judge(server, registry, tmp_path, modes=("score",), concurrency=8)
     replies = [str(n) for n in range(16)]
     assert judge.score([Q[0]] * 16, replies) == [10.0 if r == "12" else 1.0 for r in replies]
