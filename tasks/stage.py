@@ -203,6 +203,7 @@ def execute_stage(kind: str, instance: str, config: dict, inputs: dict[str, dict
     )
     logger.info("[%s] MLflow run %s", instance, tracking.run_link(run_env.tracking_uri, run_env.experiment_id, run_id))
     started = time.monotonic()
+    system = tracking.SystemMetrics(run_env.tracking_uri, run_id)
     ctx = StageContext(seed=seed, env=run_env, run_id=run_id, stage=instance, cache_key=key, round=round_,
                        refs=dict(inputs))
     try:
@@ -243,9 +244,11 @@ def execute_stage(kind: str, instance: str, config: dict, inputs: dict[str, dict
                                                          "posttrain.output_digest": output.digest,
                                                          "posttrain.reused_output": existing is not None})
     except BaseException as exc:
+        system.stop()
         tracking.end_run(run_env.tracking_uri, run_id, failed=True,
                          error="".join(traceback.format_exception_only(type(exc), exc)).strip())
         raise
+    system.stop()
     tracking.end_run(run_env.tracking_uri, run_id)
     return {
         "name": instance,

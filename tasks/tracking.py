@@ -257,3 +257,42 @@ def end_run(tracking_uri: str, run_id: str, failed: bool = False, error: str | N
     if error:
         c.set_tag(run_id, "posttrain.error", error[:5000])
     c.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+SYSTEM_METRICS_ENV = "POSTTRAIN_SYSTEM_METRICS_SECONDS"
+
+
+class SystemMetrics:
+    """MLflow's system metrics (CPU and memory, disk, network, and GPU utilisation and memory where pynvml finds a
+    GPU) sampled every `POSTTRAIN_SYSTEM_METRICS_SECONDS` (default 10; 0 = off) into a run as `system/*`.
+    MLflow's monitor drops the samples of its last, unfinished interval; `stop()` logs them, so a stage shorter
+    than one interval still records one point."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        import os
+
+        self.monitor = None
+        seconds = float(os.environ.get(SYSTEM_METRICS_ENV, "10") or 0)
+        if seconds <= 0:
+            return
+        import logging
+
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # not a line per start and stop
+        self.monitor = SystemMetricsMonitor(run_id, sampling_interval=seconds, tracking_uri=tracking_uri)
+        self.monitor.start()
+
+    def stop(self) -> None:
+        monitor, self.monitor = self.monitor, None
+        if monitor is None:
+            return
+        monitor._shutdown_event.set()
+        if monitor._process is not None:
+            monitor._process.join()
+        try:
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+        except Exception as e:  # noqa: BLE001 - system metrics are never worth failing a stage for
+            warnings.warn(f"system metrics not logged: {e}", stacklevel=2)

@@ -83,6 +83,8 @@ def test_each_stage_has_a_child_run_with_curves_metrics_and_inputs(first):
         assert run.data.tags["posttrain.output_uri"] == stage["output_uri"]
         for name, value in stage["metrics"].items():
             assert run.data.metrics[name.replace(":", "_")] == pytest.approx(value)
+        # MLflow's system metrics, at least one sample even for a stage shorter than the sampling interval
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     data_run = client.get_run(_by_name(summary)["prepare_data"]["mlflow_run_id"])
     for kind in ("sft", "preference"):
         for count in ("rows_read", "too_long_removed", "identical_pairs_removed", "contaminated_removed",
