@@ -1,7 +1,8 @@
 """`evaluate` stage: every policy input (base, sft, policy, or any branch) on held-out prompts.
 
 Metrics per input name: task_accuracy (where a reference answer exists), mean_reward (reward-model
-score, when a reward model is an input), response_tokens; with eval prompts from several tasks (a
+score, when a reward model is an input), response_tokens, each headline number with a seeded bootstrap
+confidence interval (`<metric>_ci_low`, `<metric>_ci_high`); with eval prompts from several tasks (a
 mixture of eval sources), also task_accuracy/<task> and mean_reward/<task>. Every policy other than `base` and the
 reference (default: the input named `sft`) also gets win_rate_vs_<reference>, judged by the reward model
 (ties count half), and kl_to_<reference>, a Monte-Carlo estimate of KL(policy || reference) from
@@ -33,6 +34,10 @@ class EvaluateConfig(Section):
         "sft", description="The input every other policy (except `base`) is compared against: win rate judged by "
         "the reward model and KL. Null, or no input of that name: no comparison.",
     )
+    bootstrap_samples: int = Field(
+        1000, ge=0, description="Bootstrap resamples of the prompts for the confidence intervals of every headline "
+        "number (seeded; 0 = no intervals). Differences to the reference are paired: the same prompts resampled.")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Coverage of the bootstrap intervals.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights' dtype for generation and scoring: 'auto' = bfloat16 on a GPU that supports "
         "it, float32 otherwise.",
@@ -48,6 +53,28 @@ def answer_matches(response: str, reference: str) -> bool:
         found = _NUMBER.search(response)
         return found is not None and float(found.group()) == float(reference)
     return False
+
+
+def bootstrap_intervals(per_prompt: dict[str, list[float]], samples: int, confidence: float,
+                        seed: int) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of the mean of each series, all resampled with the same prompt indices
+    (seeded), so intervals of differences built from paired series are paired too."""
+    import numpy as np
+
+    lengths = {len(v) for v in per_prompt.values()}
+    if not per_prompt or samples == 0:
+        return {}
+    if len(lengths) != 1:
+        raise ValueError(f"bootstrap: series of different lengths {sorted(lengths)}")
+    n = lengths.pop()
+    index = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+    tail = (1 - confidence) / 2 * 100
+    out = {}
+    for name, values in per_prompt.items():
+        means = np.asarray(values, dtype=float)[index].mean(axis=1)
+        low, high = np.percentile(means, [tail, 100 - tail])
+        out[name] = (float(low), float(high))
+    return out
 
 
 def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], reward: Path | str | None, out: Path,
@@ -77,6 +104,7 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
         rm_tokenizer = load_tokenizer(reward, trust_remote_code)
         rm = load_reward_model(reward, trust_remote_code, cfg.dtype, on_device=True)
     answers, rewards, metrics, samples = {}, {}, {}, {}
+    series: dict[str, list[float]] = {}  # per-prompt values of the headline numbers, for their intervals
     many = [p for p in prompts for _ in range(cfg.kl_samples)]
     for name, source in models.items():
         tokenizer = load_tokenizer(source, trust_remote_code)
@@ -92,6 +120,10 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
                 metrics[f"{name}/task_accuracy{suffix}"] = sum(scored) / len(scored)
             if reward is not None:
                 metrics[f"{name}/mean_reward{suffix}"] = sum(rewards[name][i] for i in rows) / len(rows)
+        if all(c is not None for c in correct):
+            series[f"{name}/task_accuracy"] = [float(c) for c in correct]
+        if reward is not None:
+            series[f"{name}/mean_reward"] = list(rewards[name])
         lengths = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers[name]]
         metrics[f"{name}/response_tokens"] = sum(lengths) / len(lengths)
         if name in compared and cfg.kl_samples:
@@ -103,6 +135,13 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
         if reward is not None:
             wins = [1.0 if p > s else 0.5 if p == s else 0.0 for p, s in zip(rewards[name], rewards[reference])]
             metrics[f"{name}/win_rate_vs_{reference}"] = sum(wins) / len(wins)
+            series[f"{name}/win_rate_vs_{reference}"] = wins
+        if f"{name}/task_accuracy" in series and f"{reference}/task_accuracy" in series:
+            delta = [a - b for a, b in zip(series[f"{name}/task_accuracy"], series[f"{reference}/task_accuracy"])]
+            metrics[f"{name}/task_accuracy_delta_vs_{reference}"] = sum(delta) / len(delta)
+            series[f"{name}/task_accuracy_delta_vs_{reference}"] = delta
+    for key, (low, high) in bootstrap_intervals(series, cfg.bootstrap_samples, cfg.confidence, seed).items():
+        metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"] = low, high
     if samples:
         tokenizer = load_tokenizer(models[reference], trust_remote_code)
         ref_model = load_causal_lm(models[reference], trust_remote_code, cfg.dtype, on_device=True)

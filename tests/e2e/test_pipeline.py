@@ -102,6 +102,10 @@ def test_each_stage_has_a_child_run_with_curves_metrics_and_inputs(first):
     assert len(curve) >= 3 and len({m.step for m in curve}) == len(curve)
     inputs = client.get_run(sft).inputs.dataset_inputs
     assert [d.dataset.name for d in inputs] == ["sft-train"] and inputs[0].dataset.digest
+    evaluation = _by_name(summary)["evaluate"]["metrics"]
+    for name in ("sft/task_accuracy", "policy/task_accuracy", "policy/win_rate_vs_sft",
+                 "policy/task_accuracy_delta_vs_sft"):
+        assert evaluation[f"{name}_ci_low"] <= evaluation[name] <= evaluation[f"{name}_ci_high"], name
 
 
 def test_training_changed_the_weights(first):
