@@ -258,6 +258,27 @@ def _run_pipeline(config, summary_json: str | None, home: Path, run_tags: dict |
     return (code if code else (0 if ok else 1)), summary
 
 
+def cmd_compare(args) -> int:
+    import tempfile
+
+    home = _prepare_environment()
+    from flows.compare import compare_runs, print_comparison, read_both
+    from flows.reproduce import ReproduceError
+
+    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home}/mlflow.db"
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            diff = compare_runs(*read_both(args.run_a, args.run_b, tracking_uri, Path(scratch)))
+    except ReproduceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    if args.json:
+        Path(args.json).write_text(json.dumps(diff, indent=2, default=str))
+    else:
+        print_comparison(diff, args.all_metrics)
+    return 0
+
+
 def cmd_reproduce(args) -> int:
     import tempfile
 
@@ -403,6 +424,13 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--atol", type=float, default=None,
                      help="absolute tolerance for metrics (default: 0 on the recorded hardware, 0.05 on other hardware)")
     rep.set_defaults(func=cmd_reproduce)
+    cmp = sub.add_parser("compare", help="what differs between two pipeline runs: settings, code, data, metrics")
+    cmp.add_argument("run_a", help="the MLflow run id of a pipeline (parent) run")
+    cmp.add_argument("run_b", help="the MLflow run id of another pipeline run; deltas are B - A")
+    cmp.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the state folder's)")
+    cmp.add_argument("--json", metavar="PATH", help="write the comparison as JSON instead of printing tables")
+    cmp.add_argument("--all-metrics", action="store_true", help="list every metric, not only those that differ")
+    cmp.set_defaults(func=cmd_compare)
     server = sub.add_parser("server", help="the local Prefect server kept for this state folder: status or stop")
     server.add_argument("action", choices=("status", "stop"))
     server.set_defaults(func=cmd_server)

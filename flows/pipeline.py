@@ -130,7 +130,8 @@ class _Runner:
         else:
             result, cached = self._run_here(node, params, started)
         seconds = time.monotonic() - started
-        run_id = record_cached_stage(result, node.name, self.env) if cached else result["mlflow_run_id"]
+        run_id = (record_cached_stage(result, node.name, self.env, params["inputs"]) if cached
+                  else result["mlflow_run_id"])
         self.outcomes.append({
             "name": node.name,
             "kind": node.kind.name,

@@ -208,10 +208,7 @@ def execute_stage(kind: str, instance: str, config: dict, inputs: dict[str, dict
                        refs=dict(inputs))
     try:
         tracking.log_params(run_env.tracking_uri, run_id, tracking.flatten(tracking.redact(config)))
-        tracking.set_tags(run_env.tracking_uri, run_id,
-                          {f"posttrain.input.{n}": f"{r.uri}@{r.digest[:16]}" for n, r in refs.items()}
-                          | {f"posttrain.input.{n}.revision": raw["revision"] for n, raw in inputs.items()
-                             if raw.get("revision")})  # a Hub model's or data set's resolved commit
+        tracking.set_tags(run_env.tracking_uri, run_id, input_tags(inputs))
         local = {name: materialize_input(store, raw, run_env.tracking_uri) for name, raw in inputs.items()}
         existing = store.lookup(area, key)
         if existing is not None and refresh:
@@ -269,8 +266,15 @@ def discard_checkpoints(store: ArtifactStore, area: str, key: str) -> None:
     StoreCheckpoints(store, area, key).prune(keep=0)
 
 
-def record_cached_stage(result: dict, instance: str, env: dict) -> str:
-    """Give a stage that came from cache its child run in this pipeline run, pointing at its origin."""
+def input_tags(inputs: dict[str, dict]) -> dict[str, str]:
+    """A stage run's tags naming its inputs (URI @ digest) and, for a Hub model or data set, its resolved commit."""
+    return ({f"posttrain.input.{n}": f"{raw['uri']}@{raw['digest'][:16]}" for n, raw in inputs.items()}
+            | {f"posttrain.input.{n}.revision": raw["revision"] for n, raw in inputs.items() if raw.get("revision")})
+
+
+def record_cached_stage(result: dict, instance: str, env: dict, inputs: dict[str, dict] | None = None) -> str:
+    """Give a stage that came from cache its child run in this pipeline run, pointing at its origin and naming
+    the same inputs a computed stage's run does."""
     run_env = RunEnv(**env)
     run_id = tracking.start_run(
         run_env.tracking_uri, run_env.experiment_id, instance,
@@ -279,6 +283,8 @@ def record_cached_stage(result: dict, instance: str, env: dict) -> str:
          "posttrain.output_uri": result["output"]["uri"], "posttrain.output_digest": result["output"]["digest"]},
         parent_run_id=run_env.parent_run_id,
     )
+    if inputs:
+        tracking.set_tags(run_env.tracking_uri, run_id, input_tags(inputs))
     tracking.log_metrics(run_env.tracking_uri, run_id, {**result["metrics"], "stage/seconds": 0.0})
     tracking.end_run(run_env.tracking_uri, run_id)
     return run_id

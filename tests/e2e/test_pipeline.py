@@ -180,6 +180,26 @@ def test_changing_beta_reruns_align_and_evaluate_only(first, state_home, data):
         "align": "completed", "evaluate": "completed"}
 
 
+def test_compare_names_the_setting_the_outputs_and_the_metrics_that_differ(first, state_home, data, tmp_path, capsys):
+    from flows.cli import main
+
+    _, a = first
+    code, b = run_cli(state_home, *_data_overrides(data), "align.beta=0.2")
+    assert code == 0
+    out = tmp_path / "compare.json"
+    assert main(["compare", a["mlflow_run_id"], b["mlflow_run_id"], "--json", str(out)]) == 0
+    diff = json.loads(out.read_text())
+    assert [(c["name"], c["a"], c["b"]) for c in diff["config"]] == [("stages.align.beta", 0.1, 0.2)]
+    assert {o["name"] for o in diff["outputs"]} == {"align", "evaluate"}, "only the stages beta reaches"
+    assert diff["data"] == [] and diff["versions"] == []
+    accuracy = next(m for m in diff["metrics"] if m["name"] == "policy/task_accuracy")
+    assert accuracy["delta"] == pytest.approx(accuracy["b"] - accuracy["a"])
+    assert main(["compare", a["mlflow_run_id"], b["mlflow_run_id"]]) == 0
+    printed = capsys.readouterr().out
+    assert "stages.align.beta" in printed and "data digests: no difference" in printed
+    assert main(["compare", a["mlflow_run_id"], "0123456789abcdef"]) == 3
+
+
 def test_changing_one_data_row_reruns_from_prepare_data(first, state_home, data):
     rows = data["sft"].read_text().splitlines()
     row = json.loads(rows[3])
