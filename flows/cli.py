@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -279,6 +280,38 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_promote(args) -> int:
+    """Make the model a past run registered the champion by hand (what the gate would have done)."""
+    home = _prepare_environment()
+    from tasks import tracking
+
+    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home}/mlflow.db"
+    client = tracking.client(tracking_uri)
+    try:
+        run = client.get_run(args.run_id)
+    except Exception as e:  # noqa: BLE001 - MLflow raises several types for an unknown run
+        print(f"error: MLflow run {args.run_id} not found at {tracking.redact(tracking_uri)}: {e}", file=sys.stderr)
+        return 3
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{args.run_id}'")
+    if args.stage:
+        chosen = [c for c in children if c.data.tags.get("posttrain.stage") == args.stage]
+        tag = "posttrain.registered_model"
+    else:
+        chosen = [c for c in children if c.data.tags.get("posttrain.kind") == "promote"]
+        tag = "posttrain.promote.model"
+    uri = next((c.data.tags[tag] for c in chosen if tag in c.data.tags), None)
+    if uri is None:
+        what = f"stage {args.stage!r}" if args.stage else "promote stage"
+        print(f"error: run {args.run_id} has no {what} with a registered model (--stage NAME picks a stage's model)",
+              file=sys.stderr)
+        return 3
+    name, version = uri.removeprefix("models:/").rsplit("/", 1)
+    client.set_registered_model_alias(name, "champion", version)
+    client.set_model_version_tag(name, version, "posttrain.promoted_by_hand", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    print(f"models:/{name}/{version} is now models:/{name}@champion")
+    return 0
+
+
 def cmd_reproduce(args) -> int:
     import tempfile
 
@@ -424,6 +457,11 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--atol", type=float, default=None,
                      help="absolute tolerance for metrics (default: 0 on the recorded hardware, 0.05 on other hardware)")
     rep.set_defaults(func=cmd_reproduce)
+    pro = sub.add_parser("promote", help="make the model a past run registered the champion, by hand")
+    pro.add_argument("run_id", help="the MLflow run id of the pipeline (parent) run")
+    pro.add_argument("--stage", help="the stage whose registered model to promote (default: the run's promote stage)")
+    pro.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the state folder's)")
+    pro.set_defaults(func=cmd_promote)
     cmp = sub.add_parser("compare", help="what differs between two pipeline runs: settings, code, data, metrics")
     cmp.add_argument("run_a", help="the MLflow run id of a pipeline (parent) run")
     cmp.add_argument("run_b", help="the MLflow run id of another pipeline run; deltas are B - A")

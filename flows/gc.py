@@ -5,7 +5,8 @@
 * quarantined outputs: manifests set aside as corrupted or refreshed, with the files they named;
 * checkpoints of committed outputs: resume points of stages that have since finished;
 * unreferenced outputs: committed outputs that no MLflow stage run of the last --keep-days days
-  names (tag posttrain.output_uri), when the tracking store can be read.
+  names (tag posttrain.output_uri) and no registered model version is made of, when the tracking store can
+  be read.
 """
 
 from __future__ import annotations
@@ -135,6 +136,12 @@ def referenced_outputs(tracking_uri: str, keep_days: float) -> set[str]:
         token = page.token
         if not token:
             break
+    # A registered model version whose files are an output in the store (the run registered it by reference)
+    # keeps that output, however old: `models:/name/N` must keep loading.
+    for version in client.search_model_versions():
+        source = str(version.source or "")
+        if "/attempt-" in source:
+            uris.add(source.rsplit("/attempt-", 1)[0])
     return uris
 
 

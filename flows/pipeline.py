@@ -145,7 +145,33 @@ class _Runner:
             "seconds": round(seconds, 3),
             "metrics": result["metrics"],
         })
+        if node.kind.output in ("policy", "reward"):
+            self.outcomes[-1]["registered_model"] = self._register(node, result, run_id, params["inputs"])
         return result["output"]
+
+    def _register(self, node: Node, result: dict, run_id: str, inputs: dict) -> str | None:
+        """Every model the run trains is a version of the registered model <recipe>-<instance> (rounds are
+        versions), by reference to its files in the artifact store, linked to the stage run that made it."""
+        import logging
+
+        from tasks import tracking
+
+        ref = Ref.from_dict(result["output"])
+        name = tracking.registered_name(self.cfg.name, node.name)
+        tags = {"posttrain.pipeline_run_id": self.env["parent_run_id"], "posttrain.stage_run_id": run_id,
+                "posttrain.stage": node.name, "posttrain.kind": node.kind.name, "posttrain.role": node.kind.output,
+                "posttrain.cache_key": result["cache_key"], "posttrain.output_digest": ref.digest,
+                "posttrain.data_digest": inputs.get("data", {}).get("digest", ""), "posttrain.round": str(node.round)}
+        try:
+            version = tracking.register_model_version(
+                self.cfg.tracking.uri, name, self.store.files_uri(ref), run_id, tags,
+                description=f"{node.kind.name} outputs of recipe {self.cfg.name} (one version per trained model)")
+        except Exception as e:  # noqa: BLE001 - the output is committed; a registry hiccup must not lose the run
+            logging.getLogger("posttrain").warning("[%s] not registered in the MLflow model registry: %s", node.name, e)
+            return None
+        uri = f"models:/{name}/{version}"
+        tracking.set_tags(self.cfg.tracking.uri, run_id, {"posttrain.registered_model": uri})
+        return uri
 
     def _run_here(self, node: Node, params: dict, started: float) -> tuple[dict, bool]:
         o = self.cfg.orchestration

@@ -22,6 +22,7 @@ from tasks.kinds import Slot, StageKind
 from tasks.training import Section
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+EVALUATION_METRICS = "metrics.json"  # in the evaluate stage's output: every metric it reports
 
 
 class EvaluateConfig(Section):
@@ -163,7 +164,7 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
     with open(out / "generations.jsonl", "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    (out / EVALUATION_METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
 
 

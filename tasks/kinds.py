@@ -35,6 +35,7 @@ KIND_MODULES = (
     "tasks.spin",
     "tasks.online_dpo",
     "tasks.evaluate",
+    "tasks.promote",
 )
 
 

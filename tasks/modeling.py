@@ -313,9 +313,14 @@ def materialize_external(raw: dict, tracking_uri: str | None = None) -> Path | s
     if uri.startswith("models:/"):
         import mlflow.artifacts
 
+        from tasks import tracking
+
         tmp = local.with_name(local.name + ".partial")
-        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp), tracking_uri=tracking_uri,
-                                            registry_uri=tracking_uri)
+        # The version's own source (runs:/..., a folder, s3://...): models:/ URIs are resolved against the
+        # process-wide registry URI, not the one passed in.
+        name, version = uri.removeprefix("models:/").rsplit("/", 1)
+        source = tracking.client(tracking_uri).get_model_version_download_uri(name, version)
+        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=tracking_uri)
         folder = next((p.parent for p in sorted(tmp.rglob("config.json"))), None)
         if folder is None:
             raise FileNotFoundError(f"model {uri}: the registered artifacts hold no config.json "

@@ -276,6 +276,13 @@ class ArtifactStore:
                 return f"{ref.uri}: file {name} is missing or has the wrong size (corrupted)"
         return None
 
+    def files_uri(self, ref: Ref) -> str:
+        """Where a committed output's files are (its attempt folder), as a URI another tool can read."""
+        manifest = self.read_manifest(ref.uri)
+        if manifest is None:
+            raise ArtifactError(f"{ref.uri} has no {MANIFEST}: the output is missing or was never completed")
+        return f"{ref.uri}/{manifest['attempt']}"
+
     def materialize(self, ref: Ref, verify: bool = True) -> Path:
         """A local folder holding the output's files, checked against the recorded digests."""
         manifest = self.read_manifest(ref.uri)

@@ -296,3 +296,28 @@ class SystemMetrics:
             monitor.mlflow_logger.flush()
         except Exception as e:  # noqa: BLE001 - system metrics are never worth failing a stage for
             warnings.warn(f"system metrics not logged: {e}", stacklevel=2)
+
+
+def registered_name(recipe: str, instance: str) -> str:
+    """The registered model of a recipe's instance (its rounds are versions of it): <recipe>-<instance>."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{recipe}-{instance.split('.round')[0]}")
+
+
+def register_model_version(tracking_uri: str, name: str, source: str, run_id: str | None, tags: dict[str, str],
+                           description: str = "") -> str:
+    """A version of registered model `name` for `source` (a model folder URI), reusing the version that already
+    names the same output (posttrain.output_digest): a cached stage rerun registers nothing new."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(tracking_uri)
+    try:
+        c.create_registered_model(name, description=description or None)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    digest = tags.get("posttrain.output_digest")
+    if digest:
+        for version in c.search_model_versions(f"name = '{name}'"):
+            if version.tags.get("posttrain.output_digest") == digest:
+                return str(version.version)
+    return str(c.create_model_version(name, source=source, run_id=run_id, tags=tags).version)

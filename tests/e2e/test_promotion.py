@@ -1,0 +1,118 @@
+"""Every trained model registered, the promote stage's gate, champion / challenger aliases, promotion by hand,
+and the champion as another recipe's input."""
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tasks.promote import GateSettings, gate_decision
+
+from .conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.e2e
+
+TINY = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+
+
+def recipe(folder, gate: dict | None = None, name="gated") -> str:
+    stages = {
+        "data": {"kind": "prepare_data", **TINY["data"]},
+        "base": {"kind": "pretrain", **{k: v for k, v in TINY["pretrain"].items() if k != "enabled"}},
+        "sft": {"kind": "sft", "inputs": {"data": "data", "base": "base"}, **TINY["sft"]},
+        "dpo": {"kind": "dpo", "inputs": {"data": "data", "policy": "sft"}, **TINY["align"]["dpo"]},
+        "evaluate": {"kind": "evaluate", **TINY["evaluate"], "inputs": {"data": "data", "sft": "sft", "policy": "dpo"}},
+        "promote": {"kind": "promote", "inputs": {"policy": "dpo", "report": "evaluate", "data": "data"},
+                    **({"gate": gate} if gate else {})},
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "seed": 0, "stages": stages}, sort_keys=False))
+    return str(path)
+
+
+def by_name(summary):
+    return {s["name"]: s for s in summary["stages"]}
+
+
+def test_the_gate_says_why():
+    metrics = {"policy/task_accuracy": 0.62, "sft/task_accuracy": 0.60, "policy/task_accuracy_delta_vs_sft": 0.02,
+               "policy/task_accuracy_delta_vs_sft_ci_low": -0.03, "policy/task_accuracy_delta_vs_sft_ci_high": 0.07,
+               "policy/kl_to_sft": 0.5}
+    passed, reasons = gate_decision(metrics, GateSettings(), "policy", None)
+    assert not passed and "interval [-0.030, +0.070] not clear of +0.000" in reasons[0]
+    metrics["policy/task_accuracy_delta_vs_sft_ci_low"] = 0.01
+    passed, reasons = gate_decision(metrics, GateSettings(), "policy", None)
+    assert passed and reasons[-1] == "no champion yet"
+    passed, reasons = gate_decision(metrics, GateSettings(), "policy", {"version": "3", "value": 0.7})
+    assert not passed and "< champion version 3's 0.700" in reasons[-1]
+    passed, _ = gate_decision({**metrics, "policy/kl_to_sft": 5.0}, GateSettings(), "policy", None)
+    assert not passed
+    passed, reasons = gate_decision(metrics, GateSettings(), "dpo", None)
+    assert not passed and "no dpo/task_accuracy" in reasons[0]
+
+
+@pytest.fixture(scope="module")
+def gated(state_home, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("recipes")
+    code, summary = run_cli(state_home, config=recipe(folder))  # the default gate: the tiny policy cannot pass
+    assert code == 0, summary
+    return folder, summary
+
+
+def test_every_trained_model_is_a_registered_version_linked_to_its_run(gated):
+    _, summary = gated
+    client = MlflowClient(summary["tracking_uri"])
+    stages = by_name(summary)
+    for name, registered in (("base", "gated-base"), ("sft", "gated-sft"), ("dpo", "gated-dpo")):
+        uri = stages[name]["registered_model"]
+        assert uri.startswith(f"models:/{registered}/"), uri
+        version = client.get_model_version(registered, uri.rsplit("/", 1)[1])
+        assert version.run_id == stages[name]["mlflow_run_id"]
+        assert version.tags["posttrain.cache_key"] == stages[name]["cache_key"]
+        assert version.tags["posttrain.output_digest"] == stages[name]["output_digest"]
+        assert version.tags["posttrain.pipeline_run_id"] == summary["mlflow_run_id"]
+
+
+def test_a_policy_that_fails_the_gate_is_the_challenger_with_the_reasons(gated):
+    _, summary = gated
+    client = MlflowClient(summary["tracking_uri"])
+    promote = by_name(summary)["promote"]
+    assert promote["metrics"]["promote/champion"] == 0.0
+    challenger = client.get_model_version_by_alias("gated-policy", "challenger")
+    assert "not clear of" in challenger.tags["posttrain.gate.reasons"] and challenger.tags["posttrain.gate"] == "failed"
+    with pytest.raises(Exception):
+        client.get_model_version_by_alias("gated-policy", "champion")
+
+
+def test_a_passing_gate_makes_the_champion_which_loads_and_feeds_another_recipe(gated, state_home, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from flows.cli import main
+    from tasks.modeling import materialize_external, resolve_model
+
+    folder, first = gated
+    lenient = {"min_improvement": -1.0, "max_kl": None, "beat_champion": True}
+    code, summary = run_cli(state_home, config=recipe(folder, lenient))
+    assert code == 0, summary
+    client = MlflowClient(summary["tracking_uri"])
+    assert by_name(summary)["promote"]["metrics"]["promote/champion"] == 1.0
+    champion = client.get_model_version_by_alias("gated-policy", "champion")
+    assert "no champion yet" in champion.tags["posttrain.gate.reasons"]
+    ref = resolve_model("models:/gated-policy@champion", summary["tracking_uri"])
+    assert ref["uri"] == f"models:/gated-policy/{champion.version}"
+    path = materialize_external(ref, summary["tracking_uri"])
+    assert AutoModelForCausalLM.from_pretrained(path).num_parameters() > 0
+    # the champion as the starting policy of another recipe
+    other = yaml.safe_load(open(recipe(folder, name="followup")))
+    other["stages"]["dpo"]["inputs"]["policy"] = "models:/gated-policy@champion"
+    del other["stages"]["promote"]
+    path = tmp_path / "followup.yaml"
+    path.write_text(yaml.safe_dump(other, sort_keys=False))
+    code, follow = run_cli(state_home, config=str(path))
+    assert code == 0, follow
+    tags = client.get_run(by_name(follow)["dpo"]["mlflow_run_id"]).data.tags
+    assert tags["posttrain.input.policy"].startswith(f"models:/gated-policy/{champion.version}@")
+    # by hand: the first run's (challenger) model becomes the champion
+    assert main(["promote", first["mlflow_run_id"]]) == 0
+    assert client.get_model_version_by_alias("gated-policy", "champion").version == \
+        client.get_model_version_by_alias("gated-policy", "challenger").version
+    assert main(["promote", first["mlflow_run_id"], "--stage", "nope"]) == 3
