@@ -35,18 +35,21 @@ from common import ENV, ROOT, posttrain_run, stop_server
 METHODS = ("dpo", "kto", "rlhf", "rloo", "rlaif", "spin")
 METHODS_THAT_BEAT_SFT = ("dpo", "rlhf", "rloo", "rlaif")  # the others are explained in the README
 MARGIN = 0.05
-# What annotator the sloppy demonstrations come from: right on every sum below 10, and on 40% of the others.
 ANNOTATOR_ACCURACY_NOTE = "the sloppy annotator's own accuracy on the held-out sums"
 
 
-def annotator_accuracy(seed: int) -> float:
-    """How often the demo's sloppy annotator (carry forgotten 60% of the time) is right on the eval prompts."""
+def annotator_accuracy() -> float:
+    """How often the demo's sloppy annotator is right on the eval prompts: every sum below 10, and the others
+    unless it forgot the carry (tasks.synthetic's default carry_error_rate)."""
+    import inspect
+
     sys.path.insert(0, str(ROOT))
     from tasks.synthetic import generate
 
+    error_rate = inspect.signature(generate).parameters["carry_error_rate"].default
     evals = generate("eval", seed=0)
     carries = sum(1 for r in evals if int(r["reference"]) >= 10)
-    return 1 - 0.6 * carries / len(evals)
+    return 1 - error_rate * carries / len(evals)
 
 
 def one_seed(work: Path, seed: int, threads: int, bare: bool) -> dict:
@@ -191,7 +194,7 @@ def report(rows: list[dict]) -> list[str]:
     print(f"\nSPIN on the sloppy demonstrations (the control): share of SFT prompts where the model's reply equals "
           f"the annotator's, before round 1 / before round 2: "
           + "; ".join(f"seed {r['seed']}: {r['spin_matched'][0]:.3f} / {r['spin_matched'][1]:.3f}" for r in rows)
-          + f"; {ANNOTATOR_ACCURACY_NOTE}: {annotator_accuracy(0):.3f}")
+          + f"; {ANNOTATOR_ACCURACY_NOTE}: {annotator_accuracy():.3f}")
     print("\nSPIN on correct demonstrations (configs/spin.yaml): under-trained SFT -> SPIN round 2 vs SFT + the "
           "same extra steps")
     print("| seed | SFT (2 epochs) | SPIN round 2 | SFT + 96 steps | SPIN − SFT | SPIN − (SFT + steps) |")

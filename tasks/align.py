@@ -49,6 +49,13 @@ def train_policy(cfg: AlignmentSettings, data: Path, policy: Path | str, out: Pa
 PAIRS_FILE = "pairs.jsonl"
 
 
+def round_prompts(train, limit: int | None, seed: int, round_: int):
+    """The rows a self-play or judged round samples from: all of them, or `limit` of them drawn per round (seeded)."""
+    if limit is not None and limit < len(train):
+        return train.shuffle(seed=seed * 1000 + round_).select(range(limit))
+    return train
+
+
 def keep_pairs(out: Path, records: list[dict]) -> None:
     """The pairs a stage made itself (self-play, judged samples), kept beside its policy and in its MLflow run."""
     import json

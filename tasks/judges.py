@@ -90,9 +90,7 @@ class JudgeSettings(Section):
         if missing:
             raise ValueError(f"judge backend {self.backend!r} needs {' and '.join(missing)}")
         if self.backend == "rule":
-            module, _, name = (self.function or "").partition(":")
-            if not module or not name.isidentifier():
-                raise ValueError(f"{self.function!r}: expected module:function, e.g. tasks.synthetic:arithmetic_reward")
+            check_function_spec(self.function)
         return self
 
     @property
@@ -101,6 +99,23 @@ class JudgeSettings(Section):
 
     def registry_name(self, mode: Mode) -> str:
         return f"{self.prompt_name}-{self.backend.replace('_', '-')}-{mode}"
+
+
+def check_function_spec(value: str) -> str:
+    module, _, name = value.partition(":")
+    if not module or not name.isidentifier():
+        raise ValueError(f"{value!r}: expected module:function, e.g. tasks.synthetic:arithmetic_reward")
+    return value
+
+
+def missing_judge_input(judges: list[JudgeSettings], inputs: dict) -> str | None:
+    """What a recipe instance lacks for its judges: the `reward` or `judge` input they read, in words."""
+    backends = {j.backend for j in judges}
+    if "reward_model" in backends and "reward" not in inputs:
+        return "judge backend reward_model reads the `reward` input: add one, or choose another judge"
+    if "hf_model" in backends and "judge" not in inputs:
+        return "judge backend hf_model reads the `judge` input (a stage or a model reference)"
+    return None
 
 
 def load_function(spec: str):

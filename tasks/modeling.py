@@ -160,12 +160,12 @@ def save_model(model, tokenizer, out: Path, base: dict | str | Path | None = Non
         return {}
     out = Path(out)
     if hasattr(model, "peft_config"):
+        if base is None:
+            raise ValueError("saving an adapter needs the model it adapts (base)")
         adapter = [p for p in model.parameters() if p.requires_grad]
         full = [p for p in model.parameters() if not p.requires_grad]  # the frozen base: the merged model's size
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
-        if base is None:
-            raise ValueError("saving an adapter needs the model it adapts (base)")
         ref = base if isinstance(base, dict) else {
             "uri": str(Path(base).resolve()) if Path(str(base)).exists() else str(base), "digest": "", "kind": "model"}
         (out / ADAPTER_BASE).write_text(json.dumps(ref, sort_keys=True))

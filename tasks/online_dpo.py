@@ -14,9 +14,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tasks.align import keep_pairs, run_alignment, train_policy
+from tasks.align import keep_pairs, round_prompts, run_alignment, train_policy
 from tasks.dpo import DPOStageConfig, dpo_trainer
-from tasks.judges import JudgeSettings
+from tasks.judges import JudgeSettings, missing_judge_input
 from tasks.kinds import Slot, StageKind
 from tasks.training import stage_training
 
@@ -46,10 +46,9 @@ class OnlineDPOStageConfig(DPOStageConfig):
         if self.judge_mode == "compare" and self.samples_per_prompt != 2:
             raise ValueError("judge_mode compare judges two replies: set samples_per_prompt: 2")
         inputs = getattr(self, "inputs", None)
-        if inputs is not None and self.judge.backend == "reward_model" and "reward" not in inputs:
-            raise ValueError("judge backend reward_model reads the `reward` input: add one, or choose another judge")
-        if inputs is not None and self.judge.backend == "hf_model" and "judge" not in inputs:
-            raise ValueError("judge backend hf_model reads the `judge` input (a stage or a model reference)")
+        problem = missing_judge_input([self.judge], inputs) if inputs is not None else None
+        if problem:
+            raise ValueError(problem)
         return self
 
 
@@ -59,8 +58,7 @@ def judged_pairs(cfg: OnlineDPOStageConfig, train, model, tokenizer, judge, seed
 
     from tasks.generation import sample_replies
 
-    if cfg.prompts_per_round is not None and cfg.prompts_per_round < len(train):
-        train = train.shuffle(seed=seed * 1000 + round_).select(range(cfg.prompts_per_round))
+    train = round_prompts(train, cfg.prompts_per_round, seed, round_)
     prompts = list(train["prompt"])
     samples = sample_replies(model, tokenizer, prompts, cfg.samples_per_prompt, cfg.max_completion_length,
                              cfg.temperature, seed * 1000 + round_)

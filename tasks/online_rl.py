@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator, model_validator
 
 from tasks.align import AlignmentSettings
-from tasks.judges import JudgeSettings, load_function
+from tasks.judges import JudgeSettings, check_function_spec, load_function, missing_judge_input
 from tasks.kinds import Slot
 from tasks.training import Section
 
@@ -19,10 +19,7 @@ class Verifier(Section):
     @field_validator("function")
     @classmethod
     def _module_and_name(cls, value: str) -> str:
-        module, _, name = value.partition(":")
-        if not module or not name.isidentifier():
-            raise ValueError(f"{value!r}: expected module:function, e.g. tasks.synthetic:arithmetic_reward")
-        return value
+        return check_function_spec(value)
 
 
 class OnlineRLSettings(AlignmentSettings):
@@ -46,8 +43,9 @@ class OnlineRLSettings(AlignmentSettings):
         inputs = getattr(self, "inputs", None)  # present when validated as a recipe instance
         if inputs is not None and "reward" not in inputs and not self.verifiers and not self.judges:
             raise ValueError("no reward: give a `reward` input (a reward model), `verifiers`, `judges`, or some of them")
-        if inputs is not None and any(j.backend == "hf_model" for j in self.judges) and "judge" not in inputs:
-            raise ValueError("a judge with backend hf_model reads the `judge` input (a stage or a model reference)")
+        problem = missing_judge_input(self.judges, inputs) if inputs is not None else None
+        if problem:
+            raise ValueError(problem)
         return self
 
     @model_validator(mode="after")
@@ -94,6 +92,20 @@ def reward_functions(cfg: OnlineRLSettings, inputs: dict, ctx) -> tuple[list, li
     if not funcs:
         raise ValueError(f"{ctx.stage}: no reward: give a `reward` input, `verifiers` or `judges`")
     return funcs, weights, tokenizers
+
+
+def online_trainer(cfg: OnlineRLSettings, inputs: dict, ctx, config_cls, trainer_cls, **method_args):
+    """make_trainer for train_policy: TRL's GRPO or RLOO trainer with the shared sampling settings and rewards;
+    `method_args` are the method's own config fields."""
+    def make_trainer(base_args: dict, train, common: dict):
+        funcs, weights, tokenizers = reward_functions(cfg, inputs, ctx)
+        args = config_cls(**base_args, beta=cfg.beta, num_generations=cfg.num_generations,
+                          max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
+                          num_iterations=cfg.num_iterations, reward_weights=weights, **method_args)
+        return trainer_cls(args=args, train_dataset=train.select_columns(["prompt"]), reward_funcs=funcs,
+                           reward_processing_classes=tokenizers, **common)
+
+    return make_trainer
 
 
 def reward_sources(cfg: OnlineRLSettings, tracking_uri: str | None = None) -> dict[str, dict]:

@@ -109,7 +109,7 @@ def _work(cfg: PromoteConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
     champion = current_champion(client, name, cfg.gate.metric, data_digest)
     passed, reasons = gate_decision(metrics, cfg.gate, cfg.candidate, champion)
     tracking.log_model_folder(ctx.env, ctx.run_id, Path(inputs["policy"]), "policy")
-    model_tag = tracking.client(ctx.env.tracking_uri).get_run(ctx.run_id).data.tags.get("posttrain.model.policy", "")
+    model_tag = client.get_run(ctx.run_id).data.tags.get("posttrain.model.policy", "")
     if model_tag.startswith("runs:/"):
         source = model_tag
     else:  # too big to upload: the version names the files in the artifact store

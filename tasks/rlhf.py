@@ -11,7 +11,7 @@ from pydantic import Field
 
 from tasks.align import run_alignment, train_policy
 from tasks.kinds import StageKind
-from tasks.online_rl import ONLINE_RL_INPUTS, OnlineRLSettings, reward_functions, reward_sources
+from tasks.online_rl import ONLINE_RL_INPUTS, OnlineRLSettings, online_trainer, reward_sources
 from tasks.training import stage_training
 
 GRPOTraining = stage_training("GRPOTraining", "TRL GRPOConfig (lr 1e-6, batch 8 completions), one epoch",
@@ -32,16 +32,9 @@ class RLHFStageConfig(OnlineRLSettings):
 
 
 def _train(cfg: RLHFStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
-    def make_trainer(base_args: dict, train, common: dict):
-        from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig, GRPOTrainer
 
-        funcs, weights, tokenizers = reward_functions(cfg, inputs, ctx)
-        args = GRPOConfig(**base_args, beta=cfg.beta, num_generations=cfg.num_generations,
-                          max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
-                          scale_rewards=cfg.scale_rewards, num_iterations=cfg.num_iterations, reward_weights=weights)
-        return GRPOTrainer(args=args, train_dataset=train.select_columns(["prompt"]), reward_funcs=funcs,
-                           reward_processing_classes=tokenizers, **common)
-
+    make_trainer = online_trainer(cfg, inputs, ctx, GRPOConfig, GRPOTrainer, scale_rewards=cfg.scale_rewards)
     return train_policy(cfg, inputs["data"], inputs["policy"], out, ctx, make_trainer)
 
 

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from tasks.align import run_alignment, train_policy
 from tasks.kinds import StageKind
-from tasks.online_rl import ONLINE_RL_INPUTS, OnlineRLSettings, reward_functions, reward_sources
+from tasks.online_rl import ONLINE_RL_INPUTS, OnlineRLSettings, online_trainer, reward_sources
 from tasks.training import stage_training
 
 RLOOTraining = stage_training("RLOOTraining", "TRL RLOOConfig (lr 1e-6, batch 8 completions), one epoch",
@@ -28,17 +28,10 @@ class RLOOStageConfig(OnlineRLSettings):
 
 
 def _train(cfg: RLOOStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
-    def make_trainer(base_args: dict, train, common: dict):
-        from trl import RLOOConfig, RLOOTrainer
+    from trl import RLOOConfig, RLOOTrainer
 
-        funcs, weights, tokenizers = reward_functions(cfg, inputs, ctx)
-        args = RLOOConfig(**base_args, beta=cfg.beta, num_generations=cfg.num_generations,
-                          max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
-                          normalize_advantages=cfg.normalize_advantages, num_iterations=cfg.num_iterations,
-                          reward_weights=weights)
-        return RLOOTrainer(args=args, train_dataset=train.select_columns(["prompt"]), reward_funcs=funcs,
-                           reward_processing_classes=tokenizers, **common)
-
+    make_trainer = online_trainer(cfg, inputs, ctx, RLOOConfig, RLOOTrainer,
+                                  normalize_advantages=cfg.normalize_advantages)
     return train_policy(cfg, inputs["data"], inputs["policy"], out, ctx, make_trainer)
 
 

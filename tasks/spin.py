@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from tasks.align import keep_pairs, run_alignment, train_policy
+from tasks.align import keep_pairs, round_prompts, run_alignment, train_policy
 from tasks.dpo import DPOStageConfig, dpo_trainer
 from tasks.kinds import Slot, StageKind
 from tasks.training import stage_training
@@ -38,8 +38,7 @@ def self_play_pairs(cfg: SPINStageConfig, train, model, tokenizer, seed: int, ro
 
     from tasks.generation import sample_replies
 
-    if cfg.prompts_per_round is not None and cfg.prompts_per_round < len(train):
-        train = train.shuffle(seed=seed * 1000 + round_).select(range(cfg.prompts_per_round))
+    train = round_prompts(train, cfg.prompts_per_round, seed, round_)
     prompts = list(train["prompt"])
     demonstrations = list(train["completion"])
     replies = sample_replies(model, tokenizer, prompts, 1, cfg.max_completion_length, cfg.temperature,

@@ -79,7 +79,9 @@ def test_a_policy_that_fails_the_gate_is_the_challenger_with_the_reasons(gated):
     assert promote["metrics"]["promote/champion"] == 0.0
     challenger = client.get_model_version_by_alias("gated-policy", "challenger")
     assert "not clear of" in challenger.tags["posttrain.gate.reasons"] and challenger.tags["posttrain.gate"] == "failed"
-    with pytest.raises(Exception):
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException):
         client.get_model_version_by_alias("gated-policy", "champion")
 
 
