@@ -65,12 +65,12 @@ def one_seed(work: Path, seed: int, threads: int, bare: bool) -> dict:
         stop_server(home)
     m, s = bakeoff["metrics"], spin["metrics"]
     stages = {st["name"]: st for st in bakeoff["stages"]}
-    row = {"seed": seed, "sft": m["sft/task_accuracy"], **{k: m[f"{k}/task_accuracy"] for k in METHODS},
-           "kl": {k: m.get(f"{k}/kl_to_sft") for k in METHODS},
+    row = {"seed": seed, "sft": m["eval/sft/task_accuracy"], **{k: m[f"eval/{k}/task_accuracy"] for k in METHODS},
+           "kl": {k: m.get(f"eval/{k}/kl_to_sft") for k in METHODS},
            "spin_matched": [stages[f"spin.round{r}"]["metrics"]["spin/matched_fraction"] for r in (1, 2)],
-           "clean_sft": s["sft/task_accuracy"], "clean_spin": s["spin/task_accuracy"],
-           "clean_sft_more": s["sft_more/task_accuracy"],
-           "peft": {name: {"accuracy": peft["metrics"][f"{name}/task_accuracy"], "seconds": st["seconds"],
+           "clean_sft": s["eval/sft/task_accuracy"], "clean_spin": s["eval/spin/task_accuracy"],
+           "clean_sft_more": s["eval/sft_more/task_accuracy"],
+           "peft": {name: {"accuracy": peft["metrics"][f"eval/{name}/task_accuracy"], "seconds": st["seconds"],
                            **{k.split("/")[1]: v for k, v in st["metrics"].items() if k.startswith("model/")}}
                     for st in peft["stages"] for name in [st["name"]] if name.startswith("sft_")},
            "stage_seconds": {name: st["seconds"] for name, st in stages.items()}}

@@ -134,8 +134,8 @@ def main() -> None:
     for k, v in report["overhead_ratio"].items():
         print(f"overhead ratio {k}: {v:.3f}")
     print("\n| metric | dpo | rlhf |\n|---|---|---|")
-    for key in ("base/task_accuracy", "sft/task_accuracy", "reward/pairwise_accuracy", "policy/task_accuracy",
-                "policy/win_rate_vs_sft", "policy/kl_to_sft", "policy/mean_reward", "sft/mean_reward"):
+    for key in ("eval/base/task_accuracy", "eval/sft/task_accuracy", "reward/pairwise_accuracy", "eval/policy/task_accuracy",
+                "eval/policy/win_rate_vs_sft", "eval/policy/kl_to_sft", "eval/policy/mean_reward", "eval/sft/mean_reward"):
         print(f"| {key} | {first['metrics'].get(key, float('nan')):.3f} | {rlhf['metrics'].get(key, float('nan')):.3f} |")
 
 

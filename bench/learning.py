@@ -45,10 +45,10 @@ def one_seed(work: Path, seed: int, threads: int) -> dict:
         rlhf = posttrain_run(home, "rlhf", f"seed={seed}", "align.method=rlhf", env=env)[1]["metrics"]
     finally:
         stop_server(home)
-    row = {"seed": seed, "threads": threads, "base": dpo["base/task_accuracy"], "sft": dpo["sft/task_accuracy"],
-           "reward": dpo["reward/pairwise_accuracy"], "dpo": dpo["policy/task_accuracy"],
-           "rlhf": rlhf["policy/task_accuracy"], "rlhf_win_rate_vs_sft": rlhf["policy/win_rate_vs_sft"],
-           "rlhf_kl_to_sft": rlhf["policy/kl_to_sft"], "seconds": round(time.monotonic() - started, 1)}
+    row = {"seed": seed, "threads": threads, "base": dpo["eval/base/task_accuracy"], "sft": dpo["eval/sft/task_accuracy"],
+           "reward": dpo["reward/pairwise_accuracy"], "dpo": dpo["eval/policy/task_accuracy"],
+           "rlhf": rlhf["eval/policy/task_accuracy"], "rlhf_win_rate_vs_sft": rlhf["eval/policy/win_rate_vs_sft"],
+           "rlhf_kl_to_sft": rlhf["eval/policy/kl_to_sft"], "seconds": round(time.monotonic() - started, 1)}
     print(f"seed {seed}: done in {row['seconds']:.0f} s", flush=True)
     return row
 

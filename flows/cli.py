@@ -115,7 +115,8 @@ def cmd_run(args) -> int:
     if loaded is None:
         return 2
     config, chosen = loaded
-    return _run_pipeline(config, args.summary_json, home, server=_local_prefect_server(), selection=chosen)[0]
+    said = {"posttrain.recipe": args.config or "configs/demo.yaml", "posttrain.overrides": " ".join(args.set or [])}
+    return _run_pipeline(config, args.summary_json, home, said, server=_local_prefect_server(), selection=chosen)[0]
 
 
 def cmd_validate(args) -> int:

@@ -138,6 +138,9 @@ class PipelineConfig(Section):
         for name in stages:
             if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
                 raise ValueError(f"{name!r}: a stage name is letters, digits, _ and - only")
+            if name in ("eval", "system"):
+                raise ValueError(f"{name!r}: reserved (the run's metrics name evaluations eval/<model>/... and "
+                                 f"MLflow's system metrics system/...); choose another stage name")
         if not stages:
             raise ValueError("a recipe names at least one stage")
         return stages

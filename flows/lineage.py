@@ -54,19 +54,54 @@ def _artifact_location(tracking_uri: str) -> str | None:
     return None
 
 
-def open_pipeline_run(cfg: PipelineConfig, extra_tags: dict[str, str] | None = None) -> dict:
+def source_tags(commit: str, source: str) -> dict[str, str]:
+    """MLflow's own source fields (the UI's Source and Version columns): the recipe, the commit and, in a git
+    checkout with a remote, its URL and branch."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=SOURCE_DIR, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": source, "mlflow.source.git.commit": commit}
+    if commit != "unknown":
+        if remote := git("remote", "get-url", "origin"):
+            tags["mlflow.source.git.repoURL"] = tracking.strip_credentials(remote)
+        if (branch := git("rev-parse", "--abbrev-ref", "HEAD")) and branch != "HEAD":
+            tags["mlflow.source.git.branch"] = branch
+    return tags
+
+
+def run_name(recipe: str, overrides: list[str] | None, flow_run_id: str) -> str:
+    """A parent run's name that is unique and says what differs: recipe, start time, overrides."""
+    import time
+    import uuid
+
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    suffix = (flow_run_id or uuid.uuid4().hex)[:6]
+    said = " ".join(tracking.redact(o) for o in overrides or [])
+    return " · ".join(part for part in (recipe, stamp, said[:150], suffix) if part)
+
+
+def open_pipeline_run(cfg: PipelineConfig, extra_tags: dict[str, str] | None = None, source: str = "",
+                      overrides: list[str] | None = None) -> dict:
     """Create the parent run (params, resolved config, versions, commit) and return the stages' RunEnv."""
     uri = cfg.tracking.uri
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment, _artifact_location(uri))
     from tasks import hardware
 
     commit, dirty = git_commit()
+    said = extra_tags or {}
+    source = source or said.get("posttrain.recipe") or (sys.argv[0] if sys.argv and sys.argv[0] else cfg.name)
+    overrides = overrides or said.get("posttrain.overrides", "").split()
+    sources = source_tags(commit, source)
     machine = hardware.describe()
     versions = {**library_versions(), "python": platform.python_version(),
                 **{name: _version(name) for name in ("prefect", "mlflow", "posttrain")}}
     tags = {
         "posttrain.kind": "pipeline",
-        "mlflow.source.git.commit": commit,
+        **sources,
         "posttrain.git_dirty": dirty,
         "posttrain.source_digest": source_digest(),
         "prefect.flow_run_id": _flow_run_id(),
@@ -75,7 +110,7 @@ def open_pipeline_run(cfg: PipelineConfig, extra_tags: dict[str, str] | None = N
         **hardware.as_tags(machine),
         **(extra_tags or {}),
     }
-    run_id = tracking.start_run(uri, experiment_id, cfg.name, tags)
+    run_id = tracking.start_run(uri, experiment_id, run_name(cfg.name, overrides, _flow_run_id()), tags)
     resolved = tracking.redact(cfg.model_dump(mode="json"))
     tracking.log_params(uri, run_id, tracking.flatten(resolved))
     tracking.log_text(uri, run_id, yaml.safe_dump(resolved, sort_keys=False), "config/resolved.yaml")
@@ -83,7 +118,7 @@ def open_pipeline_run(cfg: PipelineConfig, extra_tags: dict[str, str] | None = N
     tracking.log_dict(uri, run_id, machine, "config/hardware.json")
     env = RunEnv(storage_root=cfg.storage.root, tracking_uri=uri, experiment_id=experiment_id,
                  parent_run_id=run_id, trust_remote_code=cfg.model.trust_remote_code,
-                 log_model_max_mb=cfg.tracking.log_model_max_mb, recipe=cfg.name)
+                 log_model_max_mb=cfg.tracking.log_model_max_mb, recipe=cfg.name, source_tags=sources)
     _run_logger().info("MLflow parent run %s", tracking.run_link(uri, experiment_id, run_id))
     return env.to_dict()
 
@@ -111,14 +146,16 @@ def _version(name: str) -> str:
 
 
 def summary_metrics(stages: list[dict]) -> dict[str, float]:
-    """Every stage's metrics under the stage's name; a recipe's one evaluation keeps its own names
-    (base/..., sft/..., policy/...), as do all of them when there is only one."""
+    """The parent run's metrics, one scheme: a stage's own metrics as <stage>/<metric>; an evaluation's per-model
+    numbers as eval/<model>/<metric> (eval/<stage>/<model>/<metric> when a recipe evaluates more than once)."""
     evaluations = [s for s in stages if s.get("kind") == "evaluate"]
     merged = {}
     for stage in stages:
-        plain = len(evaluations) == 1 and stage.get("kind") == "evaluate"
-        for key, value in stage["metrics"].items():
-            merged[key if plain else f"{stage['name']}/{key}"] = value
+        if stage.get("kind") == "evaluate":
+            prefix = "eval/" if len(evaluations) == 1 else f"eval/{stage['name']}/"
+        else:
+            prefix = f"{stage['name']}/"
+        merged.update({prefix + key: value for key, value in stage["metrics"].items()})
     return merged
 
 
@@ -142,16 +179,23 @@ def close_pipeline_run(cfg: PipelineConfig, env: dict, stages: list[dict], error
         "storage_root": cfg.storage.root,
     }
     tracking.log_metrics(uri, run_id, summary["metrics"])
+    try:
+        from flows.report import publish_evaluations
+
+        report = publish_evaluations(cfg, env, stages)
+    except Exception as e:  # noqa: BLE001 - the pictures must never fail a finished run
+        _run_logger().warning("evaluation figures not published on the parent run: %s", e)
+        report = ""
     tracking.set_tags(uri, run_id, {f"posttrain.cache_key.{s['name']}": s["cache_key"] for s in stages
                                     if s["cache_key"]})
     tracking.set_tags(uri, run_id, {f"posttrain.status.{s['name']}": s["status"] for s in stages})
     tracking.log_dict(uri, run_id, summary, "summary.json")
-    publish_prefect_summary(summary)
+    publish_prefect_summary(summary, report)
     tracking.end_run(uri, run_id, failed=error is not None, error=None if error is None else str(error))
     return summary
 
 
-def publish_prefect_summary(summary: dict) -> None:
+def publish_prefect_summary(summary: dict, report: str = "") -> None:
     """A table of stages (each with its headline metrics) and a markdown report linking each stage to its
     MLflow run, shown on the flow run's Artifacts tab."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -169,6 +213,8 @@ def publish_prefect_summary(summary: dict) -> None:
         return f"[{run_id[:12]}]({tracking.run_link(uri, experiment, run_id)})" if http else f"`{run_id}`"
 
     lines = ["# posttrain run", "", f"MLflow parent run: {link(summary['mlflow_run_id'])}", ""]
+    if report:
+        lines += [report, ""]
     if not http:
         lines += [f"Open MLflow: `mlflow ui --backend-store-uri {uri}` (then http://127.0.0.1:5000)", ""]
     lines += ["| stage | kind | status | seconds | headline metrics | MLflow run | output |",

@@ -328,7 +328,7 @@ def post_training_pipeline(
     needed = with_upstream(nodes, chosen)
     nodes = [n for n in nodes if n.name in needed]
     refreshed = set().union(*(node_names(nodes, name) for name in refresh or []))
-    env = open_pipeline_run(cfg, run_tags)
+    env = open_pipeline_run(cfg, run_tags, recipe if config is None else "", overrides)
     runner = _Runner(cfg, env, chosen, refreshed)
     pools = cfg.orchestration.stage_pools
     error: BaseException | None = None

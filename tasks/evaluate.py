@@ -1,12 +1,15 @@
-"""`evaluate` stage: every policy input (base, sft, policy, or any branch) on held-out prompts.
+"""`evaluate` stage: every model input (base, sft, each branch, external models such as the registry's
+`models:/<name>@champion`) on the held-out prompts.
 
-Metrics per input name: task_accuracy (where a reference answer exists), mean_reward (reward-model
-score, when a reward model is an input), response_tokens, each headline number with a seeded bootstrap
-confidence interval (`<metric>_ci_low`, `<metric>_ci_high`); with eval prompts from several tasks (a
-mixture of eval sources), also task_accuracy/<task> and mean_reward/<task>. Every policy other than `base` and the
-reference (default: the input named `sft`) also gets win_rate_vs_<reference>, judged by the reward model
-(ties count half), and kl_to_<reference>, a Monte-Carlo estimate of KL(policy || reference) from
-completions sampled from the policy.
+Per model: task_accuracy (where a reference answer exists; per task too, with eval prompts from several
+tasks), mean_reward (reward-model score, when a reward model is an input), judge_score (a scoring judge),
+response_tokens, and, for every policy other than `base` and the reference (default: the input named `sft`),
+win_rate_vs_<reference>, task_accuracy_delta_vs_<reference> and kl_to_<reference> (a Monte-Carlo estimate of
+KL(policy || reference) from completions sampled from the policy). Every headline number carries a seeded
+bootstrap confidence interval (`<metric>_ci_low`, `<metric>_ci_high`); differences are paired.
+Per pair of models: the win rate judged by a pluggable judge (the reward model by default; ties count half),
+the matrix in win_rates.json. Figures (tasks/figures.py) under figures/: comparison with error bars, the
+win-rate matrix, reward distributions.
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from tasks.judges import JudgeSettings, missing_judge_input
 from tasks.kinds import Slot, StageKind
 from tasks.training import Section
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 EVALUATION_METRICS = "metrics.json"  # in the evaluate stage's output: every metric it reports
+NOT_MODELS = ("data", "reward", "judge")  # the evaluate inputs that are not models to evaluate
 
 
 class EvaluateConfig(Section):
@@ -39,10 +44,25 @@ class EvaluateConfig(Section):
         1000, ge=0, description="Bootstrap resamples of the prompts for the confidence intervals of every headline "
         "number (seeded; 0 = no intervals). Differences to the reference are paired: the same prompts resampled.")
     confidence: float = Field(0.95, gt=0, lt=1, description="Coverage of the bootstrap intervals.")
+    judge: JudgeSettings | None = Field(
+        None, description="Who judges the pairwise win rates (and, for a rule judge, scores each model: "
+        "<model>/judge_score): a rule, a local model (the `judge` input) or an OpenAI-compatible endpoint, as in "
+        "online_dpo. Default: the reward model's scores, when there is a `reward` input.")
+    pairwise: bool = Field(True, description="Judge every pair of models (the win-rate matrix, win_rates.json and "
+                           "its figure); false: only each compared policy against the reference.")
+    figures: bool = Field(True, description="Draw the comparison, win-rate matrix and reward-distribution figures.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights' dtype for generation and scoring: 'auto' = bfloat16 on a GPU that supports "
         "it, float32 otherwise.",
     )
+
+    @model_validator(mode="after")
+    def _judge_has_its_input(self) -> "EvaluateConfig":
+        inputs = getattr(self, "inputs", None)
+        problem = missing_judge_input([self.judge], inputs) if self.judge is not None and inputs is not None else None
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 def answer_matches(response: str, reference: str) -> bool:
@@ -79,9 +99,10 @@ def bootstrap_intervals(per_prompt: dict[str, list[float]], samples: int, confid
 
 
 def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], reward: Path | str | None, out: Path,
-             seed: int, trust_remote_code: bool = False) -> dict[str, float]:
+             seed: int, trust_remote_code: bool = False, judge=None) -> dict[str, float]:
     """Generate with each of `models` on data/eval/test.jsonl and score them. One policy is on the device at
-    a time (plus the reward model); each compared policy's samples are scored under the reference at the end."""
+    a time (plus the reward model); each compared policy's samples are scored under the reference at the end.
+    `judge` (tasks/judges.Judge) gives the pairwise verdicts of the win-rate matrix; default: the reward model."""
     from tasks.data import load_split
     from tasks.generation import generate, reply_logprobs, reward_scores
     from tasks.modeling import free, load_causal_lm, load_reward_model, load_tokenizer
@@ -125,33 +146,59 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
             series[f"{name}/task_accuracy"] = [float(c) for c in correct]
         if reward is not None:
             series[f"{name}/mean_reward"] = list(rewards[name])
-        lengths = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers[name]]
-        metrics[f"{name}/response_tokens"] = sum(lengths) / len(lengths)
+        series[f"{name}/response_tokens"] = [float(len(tokenizer(a, add_special_tokens=False)["input_ids"]))
+                                             for a in answers[name]]
         if name in compared and cfg.kl_samples:
             sampled = generate(model, tokenizer, many, cfg.max_new_tokens, cfg.batch_size, do_sample=True, seed=seed)
             samples[name] = (sampled, reply_logprobs(model, tokenizer, many, sampled, cfg.batch_size))
         free(model)
+    if reward is not None:
+        free(rm)
 
+    matrix = None
+    scores = rewards if judge is None else judge.scores_of(prompts, answers)
+    if judge is not None and scores is not None:
+        for name, values in scores.items():
+            series[f"{name}/judge_score"] = values
+    pairs = [(a, b) for i, a in enumerate(models) for b in list(models)[i + 1:]] if cfg.pairwise else \
+        [(name, reference) for name in compared]
+    if pairs and (judge is not None or scores):
+        judged = win_rates(prompts, answers, pairs, scores, judge)
+        series.update(judged)
+        if cfg.pairwise:
+            matrix = {"models": list(models), "judge": judge.name if judge is not None else "reward model",
+                      "prompts": len(prompts), **{k: {a: {} for a in models} for k in ("win_rate", "ci_low", "ci_high")}}
+            for key, verdicts in judged.items():
+                a, _, b = key.partition("/win_rate_vs_")
+                matrix["win_rate"][a][b] = sum(verdicts) / len(verdicts)
     for name in compared:
-        if reward is not None:
-            wins = [1.0 if p > s else 0.5 if p == s else 0.0 for p, s in zip(rewards[name], rewards[reference])]
-            metrics[f"{name}/win_rate_vs_{reference}"] = sum(wins) / len(wins)
-            series[f"{name}/win_rate_vs_{reference}"] = wins
         if f"{name}/task_accuracy" in series and f"{reference}/task_accuracy" in series:
-            delta = [a - b for a, b in zip(series[f"{name}/task_accuracy"], series[f"{reference}/task_accuracy"])]
-            metrics[f"{name}/task_accuracy_delta_vs_{reference}"] = sum(delta) / len(delta)
-            series[f"{name}/task_accuracy_delta_vs_{reference}"] = delta
-    for key, (low, high) in bootstrap_intervals(series, cfg.bootstrap_samples, cfg.confidence, seed).items():
-        metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"] = low, high
+            series[f"{name}/task_accuracy_delta_vs_{reference}"] = [
+                a - b for a, b in zip(series[f"{name}/task_accuracy"], series[f"{reference}/task_accuracy"])]
     if samples:
         tokenizer = load_tokenizer(models[reference], trust_remote_code)
         ref_model = load_causal_lm(models[reference], trust_remote_code, cfg.dtype, on_device=True)
         for name, (sampled, lp_policy) in samples.items():
             lp_ref = reply_logprobs(ref_model, tokenizer, many, sampled, cfg.batch_size)
-            metrics[f"{name}/kl_to_{reference}"] = sum(a - b for a, b in zip(lp_policy, lp_ref)) / len(many)
+            per_sample = [a - b for a, b in zip(lp_policy, lp_ref)]
+            k = cfg.kl_samples
+            series[f"{name}/kl_to_{reference}"] = [sum(per_sample[i * k:(i + 1) * k]) / k for i in range(len(prompts))]
         free(ref_model)
-    if reward is not None:
-        free(rm)
+
+    shown = {key: values for key, values in series.items() if "/win_rate_vs_" not in key or key.startswith(
+        tuple(f"{name}/win_rate_vs_{reference}" for name in compared))}
+    for key, values in shown.items():
+        if key.endswith("/task_accuracy") or key.endswith("/mean_reward"):
+            continue  # already in metrics, with the per-task breakdown
+        metrics[key] = sum(values) / len(values)
+    for key, (low, high) in bootstrap_intervals(shown, cfg.bootstrap_samples, cfg.confidence, seed).items():
+        metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"] = low, high
+    if matrix is not None:
+        pairs = {key: values for key, values in series.items() if "/win_rate_vs_" in key}
+        for key, (low, high) in bootstrap_intervals(pairs, cfg.bootstrap_samples, cfg.confidence, seed).items():
+            a, _, b = key.partition("/win_rate_vs_")
+            matrix["ci_low"][a][b], matrix["ci_high"][a][b] = low, high
+        (out / "win_rates.json").write_text(json.dumps(matrix, indent=2))
 
     rows = []
     for i, prompt in enumerate(prompts):
@@ -165,7 +212,36 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     (out / EVALUATION_METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    if cfg.figures:
+        draw_figures(metrics, list(models), matrix, rewards, out)
     return metrics
+
+
+def win_rates(prompts: list, answers: dict[str, list[str]], pairs: list[tuple[str, str]],
+              scores: dict[str, list[float]] | None, judge=None) -> dict[str, list[float]]:
+    """The per-prompt verdicts of each pair (a, b) both ways: `<a>/win_rate_vs_<b>` is 1 where a wins, 0 where b
+    wins, 0.5 for a tie. From `scores` (each model's replies scored once: a reward model or a scoring judge),
+    else by asking the pairwise `judge` once per pair (in both orders where it is set to)."""
+    judged: dict[str, list[float]] = {}
+    for a, b in pairs:
+        if scores is not None:
+            verdicts = [1.0 if x > y else 0.0 if x < y else 0.5 for x, y in zip(scores[a], scores[b])]
+        else:
+            verdicts = judge.prefer(prompts, answers[a], answers[b])
+        judged[f"{a}/win_rate_vs_{b}"] = list(verdicts)
+        judged[f"{b}/win_rate_vs_{a}"] = [1.0 - v for v in verdicts]
+    return judged
+
+
+def draw_figures(metrics: dict[str, float], models: list[str], matrix: dict | None, rewards: dict, out: Path) -> None:
+    from tasks import figures
+
+    folder = out / "figures"
+    folder.mkdir(exist_ok=True)
+    figures.comparison(metrics, models, folder)
+    if matrix is not None:
+        figures.win_rate_matrix(matrix, folder)
+    figures.reward_distributions(rewards, folder)
 
 
 def sample_table(out: Path, rows: int) -> list[dict]:
@@ -176,14 +252,33 @@ def sample_table(out: Path, rows: int) -> list[dict]:
 
 def _work(cfg: EvaluateConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
     from tasks import tracking
+    from tasks.judges import build_judge, judge_prompts
+    from tasks.sft import log_training_split
 
-    models = {name: source for name, source in inputs.items() if name not in ("data", "reward")}
-    metrics = evaluate(cfg, inputs["data"], models, inputs.get("reward"), out, ctx.seed, ctx.trust_remote_code)
+    models = {name: source for name, source in inputs.items() if name not in NOT_MODELS and "." not in name}
+    judge = None
+    if cfg.judge is not None:
+        judge = build_judge(cfg.judge, judge_prompts(inputs, "judge"), inputs.get("reward"), inputs.get("judge"),
+                            ctx.env.tracking_uri if ctx.env else None, ctx.trust_remote_code,
+                            judge_digest=ctx.refs.get("judge", {}).get("digest"))
+    try:
+        metrics = evaluate(cfg, inputs["data"], models, inputs.get("reward"), out, ctx.seed, ctx.trust_remote_code,
+                           judge)
+    finally:
+        if judge is not None:
+            judge.close()
+    log_training_split(ctx, inputs["data"], "eval", "test", "evaluation")
     rows = sample_table(out, cfg.table_rows)
     tracking.log_table(ctx.env.tracking_uri, ctx.run_id, rows, "samples/generations.json")
     tracking.log_artifacts(ctx.env.tracking_uri, ctx.run_id, out, "evaluation")
     _publish_samples(rows, list(models))
     return metrics
+
+
+def judge_sources(cfg: EvaluateConfig, tracking_uri: str | None = None) -> dict[str, dict]:
+    from tasks.judges import judge_sources as sources
+
+    return sources(cfg.judge, ("compare",), "judge", tracking_uri) if cfg.judge is not None else {}
 
 
 def _publish_samples(rows: list[dict], models: list[str]) -> None:
@@ -201,9 +296,11 @@ KIND = StageKind(
     inputs={
         "data": Slot("data", "prepared data with held-out eval prompts", data=("eval",)),
         "reward": Slot("reward", "the reward model that scores replies and judges win rates", required=False),
+        "judge": Slot("policy", "the model an hf_model judge asks", required=False),
     },
     more_inputs=Slot("policy", "a policy to evaluate (any other input name: base, sft, policy, ...)"),
     output="report",
     work=_work,
     headline=("*/task_accuracy", "*/win_rate_vs_*", "*/kl_to_*"),
+    source_inputs=judge_sources,
 )

@@ -285,6 +285,11 @@ class Judge:
         a, b = self.score(prompts, first), self.score(prompts, second)
         return [1.0 if x > y else 0.0 if x < y else 0.5 for x, y in zip(a, b)]
 
+    def scores_of(self, prompts: list, answers: dict[str, list[str]]) -> dict[str, list[float]] | None:
+        """Each model's replies scored, where this judge scores replies one by one (a rule, a reward model);
+        None for a judge that compares pairs (its verdicts come from prefer)."""
+        return {name: self.score(prompts, replies) for name, replies in answers.items()}
+
     def close(self) -> None:
         """Release the judge's model (a local judge holds one on the accelerator)."""
         model = getattr(self, "model", None)
@@ -369,6 +374,9 @@ class _PromptedJudge(Judge):
                    for p, a, b in zip(prompts, first, second)]
         backward = self._cached("compare", swapped)
         return [(f + (1.0 - b)) / 2 for f, b in zip(forward, backward)]
+
+    def scores_of(self, prompts, answers):
+        return super().scores_of(prompts, answers) if "compare" not in self.templates else None
 
     def _template(self, mode: Mode) -> str:
         if mode not in self.templates:

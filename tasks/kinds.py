@@ -81,7 +81,8 @@ class StageKind:
 
         shown: dict[str, float] = {}
         for pattern in self.headline:
-            shown.update({k: v for k, v in metrics.items() if fnmatch.fnmatchcase(k, pattern) and k not in shown})
+            shown.update({k: v for k, v in metrics.items() if fnmatch.fnmatchcase(k, pattern) and k not in shown
+                          and not k.endswith(("_ci_low", "_ci_high"))})
         return shown
 
     def slot(self, name: str) -> Slot | None:

@@ -111,16 +111,16 @@ def _work(cfg: SFTStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]
     return run_training(_train, cfg.training, cfg, inputs, out, ctx)
 
 
-def log_training_split(ctx, data: Path, kind: str) -> None:
-    """Record the split a stage trains on as an MLflow dataset input of the stage's run."""
+def log_training_split(ctx, data: Path, kind: str, split: str = "train", context: str = "training") -> None:
+    """Record the split a stage reads (trains on, or evaluates on) as an MLflow dataset input of its run."""
     import json
 
     from tasks import tracking
     from tasks.data import split_files
 
-    rows = json.loads((data / "stats.json").read_text())[kind]["train_rows"]
-    tracking.log_dataset(ctx.env.tracking_uri, ctx.run_id, split_files(data, kind, "train"), f"{kind}-train", rows,
-                         "training")
+    rows = json.loads((data / "stats.json").read_text())[kind][f"{split}_rows"]
+    tracking.log_dataset(ctx.env.tracking_uri, ctx.run_id, split_files(data, kind, split), f"{kind}-{split}", rows,
+                         context)
 
 
 KIND = StageKind(

@@ -40,6 +40,7 @@ class RunEnv:
     trust_remote_code: bool = False
     log_model_max_mb: float = 500.0
     recipe: str = ""
+    source_tags: dict = field(default_factory=dict)  # MLflow's source fields, set on every stage run too
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -198,7 +199,8 @@ def execute_stage(kind: str, instance: str, config: dict, inputs: dict[str, dict
     run_id = tracking.start_run(
         run_env.tracking_uri, run_env.experiment_id, instance,
         {tracking.TAG_STAGE: instance, tracking.TAG_KIND: kind, tracking.TAG_CACHE_KEY: key,
-         tracking.TAG_CACHED: "false", "posttrain.seed": seed, **hardware.as_tags(hardware.describe())},
+         tracking.TAG_CACHED: "false", "posttrain.seed": seed, **hardware.as_tags(hardware.describe()),
+         **run_env.source_tags},
         parent_run_id=run_env.parent_run_id,
     )
     logger.info("[%s] MLflow run %s", instance, tracking.run_link(run_env.tracking_uri, run_env.experiment_id, run_id))
@@ -236,7 +238,9 @@ def execute_stage(kind: str, instance: str, config: dict, inputs: dict[str, dict
                 logger.info("[%s] another run committed %s first; using its output", instance, key)
                 existing, metrics = output, pending.superseded_by["metadata"].get("metrics", metrics)
         seconds = time.monotonic() - started
-        tracking.log_metrics(run_env.tracking_uri, run_id, {**metrics, "stage/seconds": seconds})
+        # at the last training step, so a summary number that is also a curve (eval/loss) is that curve's end
+        tracking.log_metrics(run_env.tracking_uri, run_id, {**metrics, "stage/seconds": seconds},
+                             step=int(metrics.get("train/steps", 0)))
         tracking.set_tags(run_env.tracking_uri, run_id, {"posttrain.output_uri": output.uri,
                                                          "posttrain.output_digest": output.digest,
                                                          "posttrain.reused_output": existing is not None})
@@ -280,12 +284,19 @@ def record_cached_stage(result: dict, instance: str, env: dict, inputs: dict[str
         run_env.tracking_uri, run_env.experiment_id, instance,
         {tracking.TAG_STAGE: instance, tracking.TAG_KIND: result["kind"], tracking.TAG_CACHE_KEY: result["cache_key"],
          tracking.TAG_CACHED: "true", tracking.TAG_CACHED_FROM: result["mlflow_run_id"] or "",
-         "posttrain.output_uri": result["output"]["uri"], "posttrain.output_digest": result["output"]["digest"]},
+         "posttrain.output_uri": result["output"]["uri"], "posttrain.output_digest": result["output"]["digest"],
+         **run_env.source_tags},
         parent_run_id=run_env.parent_run_id,
     )
     if inputs:
         tracking.set_tags(run_env.tracking_uri, run_id, input_tags(inputs))
-    tracking.log_metrics(run_env.tracking_uri, run_id, {**result["metrics"], "stage/seconds": 0.0})
+    if result["mlflow_run_id"]:
+        try:
+            tracking.copy_dataset_inputs(run_env.tracking_uri, [result["mlflow_run_id"]], run_id)
+        except Exception as e:  # noqa: BLE001 - the origin run may be gone (another store, deleted)
+            logger.info("[%s] data sets of the cached run not copied: %s", instance, e)
+    tracking.log_metrics(run_env.tracking_uri, run_id, {**result["metrics"], "stage/seconds": 0.0},
+                         step=int(result["metrics"].get("train/steps", 0)))
     tracking.end_run(run_env.tracking_uri, run_id)
     return run_id
 

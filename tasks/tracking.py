@@ -106,12 +106,20 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | Non
     open_store(tracking_uri)
     c = client(tracking_uri)
     experiment = c.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return c.create_experiment(name, artifact_location=artifact_location)
-    except Exception:  # created concurrently by another run
-        return c.get_experiment_by_name(name).experiment_id
+    if experiment is None:
+        try:
+            c.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_TAGS)
+        except Exception:  # created concurrently by another run
+            pass
+        experiment = c.get_experiment_by_name(name)
+    elif EXPERIMENT_KIND_TAG not in experiment.tags:
+        c.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_TAGS[EXPERIMENT_KIND_TAG])
+    return experiment.experiment_id
+
+
+# The MLflow UI opens an experiment of this kind on its training runs (not on the GenAI traces page).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: "custom_model_development"}
 
 
 def start_run(tracking_uri: str, experiment_id: str, name: str, tags: dict[str, str],
@@ -234,6 +242,21 @@ def log_dataset(tracking_uri: str, run_id: str, files: list[Path], name: str, ro
             if "UNIQUE constraint" not in str(e) or attempt == 2:
                 raise
             time.sleep(0.2 * (attempt + 1))
+
+
+def copy_dataset_inputs(tracking_uri: str, from_runs: list[str], run_id: str) -> None:
+    """Record on `run_id` the dataset inputs the `from_runs` recorded (each data set once)."""
+    from mlflow.entities import DatasetInput
+
+    c = client(tracking_uri)
+    seen, datasets = set(), []
+    for source in from_runs:
+        for item in c.get_run(source).inputs.dataset_inputs:
+            if (item.dataset.name, item.dataset.digest) not in seen:
+                seen.add((item.dataset.name, item.dataset.digest))
+                datasets.append(DatasetInput(dataset=item.dataset, tags=item.tags))
+    if datasets:
+        c.log_inputs(run_id, datasets=datasets)
 
 
 def _plain(value):

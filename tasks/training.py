@@ -157,6 +157,17 @@ def peft_config(lora: LoraSettings, task_type: str = "CAUSAL_LM"):
     )
 
 
+def curve_name(key: str) -> str:
+    """A transformers/TRL log key as the stage run's curve: train/<key> (train_loss -> train/loss at the end),
+    eval/<key> for eval_<key>, so a stage logs each quantity under one name (no eval_loss beside eval/loss)."""
+    if key == "train_loss":  # the trainer's closing line: the mean loss over the run, not a step's
+        return "train/mean_loss"
+    for prefix in ("train", "eval"):
+        if key.startswith(f"{prefix}_"):
+            return f"{prefix}/{key[len(prefix) + 1:]}"
+    return key if key.startswith(("train/", "eval/")) else f"train/{key}"
+
+
 def metrics_callback(log: Callable[[dict[str, float], int], None], stage: str):
     """A transformers callback that sends each logged step to `log(metrics, step)` and prints progress."""
     from transformers import TrainerCallback
@@ -171,7 +182,7 @@ def metrics_callback(log: Callable[[dict[str, float], int], None], stage: str):
             self.progress = PrefectProgress(stage)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            numbers = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+            numbers = {curve_name(k): float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
             if numbers:
                 log(numbers, state.global_step)
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in list(numbers.items())[:4])

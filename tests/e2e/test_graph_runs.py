@@ -72,8 +72,8 @@ def test_branches_each_get_their_own_row_metrics_and_task_run(branches):
     assert stages["dpo_a"]["kind"] == stages["dpo_b.round2"]["kind"] == "dpo"
     assert stages["dpo_a"]["output_digest"] != stages["dpo_b.round2"]["output_digest"]
     for branch in ("dpo_a", "dpo_b"):
-        assert 0.0 <= summary["metrics"][f"{branch}/win_rate_vs_sft"] <= 1.0
-        assert f"{branch}/kl_to_sft" in summary["metrics"]
+        assert 0.0 <= summary["metrics"][f"eval/{branch}/win_rate_vs_sft"] <= 1.0
+        assert f"eval/{branch}/kl_to_sft" in summary["metrics"]
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -154,8 +154,8 @@ def test_dpo_from_an_existing_model_folder_and_from_a_registry_alias(branches, s
                                 f"evaluate.inputs.base={root / 'base'}", config="configs/dpo-from-model.yaml")
     assert code == 0, from_folder
     assert [s["name"] for s in from_folder["stages"]] == ["data", "dpo", "evaluate"]
-    assert "policy/win_rate_vs_base" not in from_folder["metrics"]  # no reward model in this recipe
-    assert "policy/kl_to_base" in from_folder["metrics"]
+    assert "eval/policy/win_rate_vs_base" not in from_folder["metrics"]  # no reward model in this recipe
+    assert "eval/policy/kl_to_base" in from_folder["metrics"]
 
     client = MlflowClient(tracking_uri=summary["tracking_uri"])
     policy_run = by_name(summary)["dpo_a"]["mlflow_run_id"]  # its policy is logged as run artifacts

@@ -29,7 +29,7 @@ def demo(request, state_home):
 
 def test_sft_beats_base_by_a_wide_margin(demo):
     dpo, _ = demo
-    assert dpo["sft/task_accuracy"] >= dpo["base/task_accuracy"] + 0.3
+    assert dpo["eval/sft/task_accuracy"] >= dpo["eval/base/task_accuracy"] + 0.3
 
 
 def test_reward_model_ranks_held_out_pairs(demo):
@@ -39,9 +39,9 @@ def test_reward_model_ranks_held_out_pairs(demo):
 
 def test_dpo_policy_beats_sft(demo):
     dpo, _ = demo
-    assert dpo["policy/task_accuracy"] >= dpo["sft/task_accuracy"] + 0.05
+    assert dpo["eval/policy/task_accuracy"] >= dpo["eval/sft/task_accuracy"] + 0.05
 
 
 def test_rlhf_policy_beats_sft(demo):
     _, rlhf = demo
-    assert rlhf["policy/task_accuracy"] >= rlhf["sft/task_accuracy"] + 0.05
+    assert rlhf["eval/policy/task_accuracy"] >= rlhf["eval/sft/task_accuracy"] + 0.05

@@ -47,8 +47,8 @@ def test_first_run_completes_every_stage(first):
         assert stage["cache_key"].startswith(stage["kind"] + "-")  # keys follow the kind, not the instance
         assert stage["output_uri"] and stage["mlflow_run_id"] and stage["seconds"] > 0
         assert set(stage) >= {"name", "kind", "status", "cache_key", "output_uri", "mlflow_run_id", "seconds", "metrics"}
-    for key in ("base/task_accuracy", "sft/task_accuracy", "policy/task_accuracy", "reward/pairwise_accuracy",
-                "policy/win_rate_vs_sft", "policy/kl_to_sft"):
+    for key in ("eval/base/task_accuracy", "eval/sft/task_accuracy", "eval/policy/task_accuracy",
+                "reward/pairwise_accuracy", "eval/policy/win_rate_vs_sft", "eval/policy/kl_to_sft"):
         assert key in summary["metrics"]
     assert summary["mlflow_run_id"] and summary["flow_run_id"]
 
@@ -69,7 +69,7 @@ def test_parent_run_records_config_versions_commit_and_cache_keys(first):
         assert tags[f"posttrain.cache_key.{stage['name']}"] == stage["cache_key"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "config")}
     assert "config/resolved.yaml" in artifacts
-    assert parent.data.metrics["policy/task_accuracy"] == summary["metrics"]["policy/task_accuracy"]
+    assert parent.data.metrics["eval/policy/task_accuracy"] == summary["metrics"]["eval/policy/task_accuracy"]
 
 
 def test_each_stage_has_a_child_run_with_curves_metrics_and_inputs(first):
@@ -98,7 +98,7 @@ def test_each_stage_has_a_child_run_with_curves_metrics_and_inputs(first):
     assert {a.path for a in client.list_artifacts(data_run.info.run_id, "data")} == {"data/stats.json",
                                                                                      "data/removed.jsonl"}
     sft = _by_name(summary)["sft"]["mlflow_run_id"]
-    curve = client.get_metric_history(sft, "loss")
+    curve = client.get_metric_history(sft, "train/loss")
     assert len(curve) >= 3 and len({m.step for m in curve}) == len(curve)
     inputs = client.get_run(sft).inputs.dataset_inputs
     assert [d.dataset.name for d in inputs] == ["sft-train"] and inputs[0].dataset.digest
@@ -192,7 +192,7 @@ def test_compare_names_the_setting_the_outputs_and_the_metrics_that_differ(first
     assert [(c["name"], c["a"], c["b"]) for c in diff["config"]] == [("stages.align.beta", 0.1, 0.2)]
     assert {o["name"] for o in diff["outputs"]} == {"align", "evaluate"}, "only the stages beta reaches"
     assert diff["data"] == [] and diff["versions"] == []
-    accuracy = next(m for m in diff["metrics"] if m["name"] == "policy/task_accuracy")
+    accuracy = next(m for m in diff["metrics"] if m["name"] == "eval/policy/task_accuracy")
     assert accuracy["delta"] == pytest.approx(accuracy["b"] - accuracy["a"])
     assert main(["compare", a["mlflow_run_id"], b["mlflow_run_id"]]) == 0
     printed = capsys.readouterr().out
@@ -264,3 +264,94 @@ def test_prefect_ui_shows_stage_logs_progress_and_every_stage_in_the_artifacts(f
     assert "pairwise_accuracy=" in headlines["reward"] and "policy/win_rate_vs_sft=" in headlines["evaluate"]
     assert "train_rows=" in headlines["prepare_data"] and "train/final_loss=" in headlines["align"]
     assert "mlflow ui --backend-store-uri" in by_key["posttrain-report"].data
+    report = by_key["posttrain-report"].data
+    assert "every model on the held-out prompts" in report
+    for model in ("base", "sft", "policy"):
+        assert f"| {model} | " in report, model
+
+
+MODELS = {"base", "sft", "policy"}
+
+
+def _picture(path):
+    """A valid, non-blank PNG (opened and decoded), returning the data the figure says it plots."""
+    from PIL import Image
+
+    from tasks.figures import read_data
+
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width >= 300 and image.height >= 200, (path, image.size)
+        image.load()
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+        assert len(colours) > 50, f"{path}: {len(colours)} colours, a blank picture"
+    return read_data(path)
+
+
+def test_evaluation_figures_are_pictures_of_every_model_on_the_stage_and_parent_runs(first, tmp_path):
+    _, summary = first
+    client = _client(summary)
+    evaluate = _by_name(summary)["evaluate"]["mlflow_run_id"]
+    figures = {}
+    for where, run_id, folder in (("stage", evaluate, "evaluation/figures"), ("parent", summary["mlflow_run_id"], "")):
+        for name in ("comparison", "win_rates", "reward_distributions", "training_curves"):
+            if where == "stage" and name == "training_curves":
+                continue
+            path = client.download_artifacts(run_id, f"{folder}/{name}.png".lstrip("/"), str(tmp_path / where))
+            figures[where, name] = _picture(path)
+    for where in ("stage", "parent"):
+        comparison = figures[where, "comparison"]
+        assert set(comparison["models"]) == MODELS
+        accuracy = comparison["metrics"]["task_accuracy"]
+        assert set(accuracy) == MODELS
+        for model, bar in accuracy.items():
+            assert bar["ci_low"] <= bar["value"] <= bar["ci_high"], model
+        matrix = figures[where, "win_rates"]
+        assert set(matrix["models"]) == MODELS and matrix["judge"] == "reward model"
+        for a in MODELS:
+            for b in MODELS - {a}:
+                assert matrix["win_rate"][a][b] + matrix["win_rate"][b][a] == pytest.approx(1.0)
+                assert matrix["ci_low"][a][b] <= matrix["win_rate"][a][b] <= matrix["ci_high"][a][b]
+        assert set(figures[where, "reward_distributions"]["models"]) == MODELS
+    metrics = _by_name(summary)["evaluate"]["metrics"]
+    assert matrix["win_rate"]["policy"]["sft"] == pytest.approx(metrics["policy/win_rate_vs_sft"])
+    curves = figures["parent", "training_curves"]["stages"]
+    assert set(curves) == {"pretrain", "sft", "reward", "align"}
+    assert all(panel["train/loss"] >= 2 for panel in curves.values()), curves
+
+
+def test_the_mlflow_ui_story(first):
+    """What a user meets in the MLflow UI: the experiment opens on training runs; unique run names; the
+    comparison first on the parent run; MLflow's own source and git fields; data sets on the parent and the
+    evaluation; one metric naming scheme; every model a registered version linked to the run that made it."""
+    _, summary = first
+    client = _client(summary)
+    experiment = client.get_experiment(summary["experiment_id"])
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    pipelines = client.search_runs([summary["experiment_id"]], "tags.`posttrain.kind` = 'pipeline'", max_results=500)
+    names = [r.info.run_name for r in pipelines]
+    assert len(names) == len(set(names)), names
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.info.run_name.startswith("tiny · ") and "data.sft.source=" in parent.info.run_name
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("## Evaluation") and all(f"| {m} | " in note for m in MODELS)
+    table = json.loads(open(client.download_artifacts(parent.info.run_id, "comparison_table.json")).read())
+    assert [row[0] for row in table["data"]] == ["base", "sft", "policy"] and "task_accuracy" in table["columns"]
+    children = client.search_runs([summary["experiment_id"]], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    for run in [parent, *children]:
+        tags = run.data.tags
+        assert tags["mlflow.source.name"].endswith("configs/tiny.yaml") and tags["mlflow.source.type"] == "LOCAL"
+        assert tags["mlflow.source.git.commit"] == parent.data.tags["mlflow.source.git.commit"]
+    evaluate = client.get_run(_by_name(summary)["evaluate"]["mlflow_run_id"])
+    assert {d.dataset.name for d in evaluate.inputs.dataset_inputs} == {"eval-test"}
+    assert {"eval-test", "sft-train", "preference-train"} <= {d.dataset.name for d in parent.inputs.dataset_inputs}
+    for run in children:
+        assert all(not key.startswith(("eval_", "train_")) for key in run.data.metrics), run.info.run_name
+    stages = {s["name"] for s in summary["stages"]}
+    for key in parent.data.metrics:
+        head, _, rest = key.partition("/")
+        assert (head == "eval" and rest.split("/")[0] in MODELS) or head in stages, key
+    assert "sft/task_accuracy" not in parent.data.metrics  # sft the stage, or sft the evaluated model? neither
+    for stage in summary["stages"]:
+        if stage["kind"] in ("pretrain", "sft", "reward", "dpo"):
+            name, version = stage["registered_model"].removeprefix("models:/").split("/")
+            assert client.get_model_version(name, version).run_id == stage["mlflow_run_id"], stage["name"]

@@ -91,7 +91,7 @@ def stored(stage: dict) -> Path:
 def test_every_method_is_evaluated_side_by_side_under_its_instance_name(repertoire):
     _, summary = repertoire
     for name in ("sft", "dpo", "kto", "rlhf", "rloo", "rlaif", "spin"):
-        assert 0.0 <= summary["metrics"][f"{name}/task_accuracy"] <= 1.0, name
+        assert 0.0 <= summary["metrics"][f"eval/{name}/task_accuracy"] <= 1.0, name
     stages = by_name(summary)
     assert {"rlaif.round1", "rlaif.round2", "spin.round1", "spin.round2"} <= set(stages)
     assert stages["rlaif.round2"]["metrics"]["judge/pairs"] > 0 and stages["spin.round1"]["metrics"]["spin/pairs"] > 0

@@ -37,5 +37,5 @@ def test_mlflow_server_restarted_mid_run(tmp_path, prefect_api, reference, mlflo
     sft = next(r for r in children if r.data.tags["posttrain.stage"] == "sft")
     assert sft.info.start_time / 1000 < down_at and sft.info.end_time / 1000 > up_at, \
         "the sft stage was running across the outage"
-    curve = client.get_metric_history(sft.info.run_id, "loss")
+    curve = client.get_metric_history(sft.info.run_id, "train/loss")
     assert sorted(m.step for m in curve) == [2, 4, 6, 8, 10, 12], "no point of the curve was lost in the outage"

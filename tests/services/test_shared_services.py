@@ -163,7 +163,7 @@ def test_mlflow_server_holds_curves_tables_and_a_loadable_policy(first_run, serv
     children = {r.data.tags["posttrain.stage"]: r for r in client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
     assert set(children) == set(STAGES)
-    assert len(client.get_metric_history(children["sft"].info.run_id, "loss")) >= 3
+    assert len(client.get_metric_history(children["sft"].info.run_id, "train/loss")) >= 3
     table = json.loads(Path(client.download_artifacts(children["evaluate"].info.run_id, "samples/generations.json",
                                                       str(tmp_path))).read_text())
     assert {"prompt", "sft", "policy"} <= set(table["columns"])

@@ -1,0 +1,103 @@
+"""The headline of a pipeline run, first on its MLflow parent run and in its Prefect report: every model an
+evaluation scored, side by side with the confidence intervals (a table artifact and the run's description),
+the evaluation's figures, and a panel of each training stage's curves."""
+
+from __future__ import annotations
+
+import fnmatch
+import tempfile
+from pathlib import Path
+
+from tasks import tracking
+
+COLUMNS = ("task_accuracy", "task_accuracy_delta_vs_*", "mean_reward", "judge_score", "win_rate_vs_*", "kl_to_*",
+           "response_tokens")
+CURVES = ("train/loss", "eval/loss", "train/reward")  # what a training stage's panel shows, where it logged it
+NOT_TRAINING = ("prepare_data", "evaluate", "promote")
+
+
+def comparison_rows(metrics: dict[str, float]) -> list[dict[str, str]]:
+    """One row per evaluated model: each headline number with its interval, e.g. '0.620 [0.540, 0.700]'."""
+    models = [k.split("/")[0] for k in metrics if k.endswith("/response_tokens") and k.count("/") == 1]
+    rows = []
+    for model in models:
+        row = {"model": model}
+        for column in COLUMNS:
+            for key in sorted(k for k in metrics if k.startswith(f"{model}/")):
+                metric = key[len(model) + 1:]
+                if "/" in metric or metric.endswith(("_ci_low", "_ci_high")) or not fnmatch.fnmatchcase(metric, column):
+                    continue
+                low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+                row[metric] = f"{metrics[key]:.3f}" + ("" if low is None else f" [{low:.3f}, {high:.3f}]")
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict[str, str]]) -> str:
+    columns = list(dict.fromkeys(c for row in rows for c in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row.get(c, "—") for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _origin_run(client, run_id: str) -> str:
+    """The run that computed a stage (a cached stage's run in this pipeline points at it)."""
+    return client.get_run(run_id).data.tags.get(tracking.TAG_CACHED_FROM) or run_id
+
+
+def training_curves(tracking_uri: str, stages: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    client = tracking.client(tracking_uri)
+    curves = {}
+    for stage in stages:
+        if stage.get("kind") in NOT_TRAINING or not stage.get("mlflow_run_id"):
+            continue
+        run_id = _origin_run(client, stage["mlflow_run_id"])
+        found = {}
+        for name in CURVES:
+            history = client.get_metric_history(run_id, name)
+            if len(history) > 1:
+                found[name] = sorted((h.step, h.value) for h in history)
+        curves[stage["name"]] = found
+    return curves
+
+
+def attach_datasets(tracking_uri: str, run_id: str, stages: list[dict]) -> None:
+    """Give the parent run the dataset inputs its data and evaluation stages recorded (the prepared splits,
+    the held-out prompts), so the run's page names the data it was made from."""
+    client = tracking.client(tracking_uri)
+    runs = [_origin_run(client, s["mlflow_run_id"]) for s in stages
+            if s.get("kind") in ("prepare_data", "evaluate") and s.get("mlflow_run_id")]
+    tracking.copy_dataset_inputs(tracking_uri, runs, run_id)
+
+
+def publish_evaluations(cfg, env: dict, stages: list[dict]) -> str:
+    """Log the headline on the parent run (comparison table, the evaluation's figures, the training-curves
+    panel, the comparison as the run's description) and return it as markdown for the Prefect report."""
+    from tasks import figures
+    from tasks.store import ArtifactStore, Ref
+
+    uri, run_id = env["tracking_uri"], env["parent_run_id"]
+    attach_datasets(uri, run_id, stages)
+    evaluations = [s for s in stages if s.get("kind") == "evaluate" and s.get("output_uri")]
+    parts = []
+    for stage in evaluations:
+        folder = "" if len(evaluations) == 1 else f"{stage['name']}/"
+        rows = comparison_rows(stage["metrics"])
+        if not rows:
+            continue
+        tracking.log_table(uri, run_id, rows, f"{folder}comparison_table.json")
+        output = ArtifactStore(cfg.storage.root).materialize(Ref(stage["output_uri"], stage["output_digest"]))
+        if (output / "figures").is_dir():
+            tracking.log_artifacts(uri, run_id, output / "figures", folder.rstrip("/") or None)
+        parts.append(f"## Evaluation `{stage['name']}`: every model on the held-out prompts\n\n"
+                     f"Value [95% bootstrap interval]. Table: {folder}comparison_table.json; figures: {folder}comparison.png, {folder}win_rates.png, "
+                     f"{folder}reward_distributions.png; training curves: training_curves.png.\n\n"
+                     + markdown_table(rows))
+    with tempfile.TemporaryDirectory() as tmp:
+        if figures.training_curves(training_curves(uri, stages), Path(tmp)):
+            tracking.log_artifact(uri, run_id, Path(tmp) / "training_curves.png", None)
+            tracking.log_artifact(uri, run_id, Path(tmp) / "training_curves.json", None)
+    report = "\n\n".join(parts)
+    if report:
+        tracking.set_tags(uri, run_id, {"mlflow.note.content": report})
+    return report
