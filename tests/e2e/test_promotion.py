@@ -1,6 +1,8 @@
 """Every trained model registered, the promote stage's gate, champion / challenger aliases, promotion by hand,
 and the champion as another recipe's input."""
 
+import json
+
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -106,6 +108,9 @@ def test_a_passing_gate_makes_the_champion_which_loads_and_feeds_another_recipe(
     # the champion as the starting policy of another recipe
     other = yaml.safe_load(open(recipe(folder, name="followup")))
     other["stages"]["dpo"]["inputs"]["policy"] = "models:/gated-policy@champion"
+    # ... and evaluated beside the new policy, every pair judged by a rule (the demo's arithmetic checker)
+    other["stages"]["evaluate"]["inputs"]["champion"] = "models:/gated-policy@champion"
+    other["stages"]["evaluate"]["judge"] = {"backend": "rule", "function": "tasks.synthetic:arithmetic_reward"}
     del other["stages"]["promote"]
     path = tmp_path / "followup.yaml"
     path.write_text(yaml.safe_dump(other, sort_keys=False))
@@ -113,6 +118,14 @@ def test_a_passing_gate_makes_the_champion_which_loads_and_feeds_another_recipe(
     assert code == 0, follow
     tags = client.get_run(by_name(follow)["dpo"]["mlflow_run_id"]).data.tags
     assert tags["posttrain.input.policy"].startswith(f"models:/gated-policy/{champion.version}@")
+    evaluation = by_name(follow)["evaluate"]["metrics"]
+    for model in ("sft", "policy", "champion"):
+        assert 0.0 <= evaluation[f"{model}/judge_score"] <= 1.0  # the rule scores every model's replies
+        assert evaluation[f"{model}/judge_score"] == pytest.approx(evaluation[f"{model}/task_accuracy"])
+    matrix = json.loads(open(client.download_artifacts(by_name(follow)["evaluate"]["mlflow_run_id"],
+                                                       "evaluation/win_rates.json")).read())
+    assert matrix["models"] == ["sft", "policy", "champion"] and matrix["judge"] == "arithmetic_reward"
+    assert "eval/champion/task_accuracy" in follow["metrics"]
     # by hand: the first run's (challenger) model becomes the champion
     assert main(["promote", first["mlflow_run_id"]]) == 0
     assert client.get_model_version_by_alias("gated-policy", "champion").version == \

@@ -149,3 +149,22 @@ def test_a_local_model_judges_from_its_next_token_probabilities(tmp_path, regist
     assert forward == pytest.approx([1 - b for b in backward]), "asked both ways round, the verdict is symmetric"
     with pytest.raises(ValueError, match="the stage has no `judge` input"):
         build_judge(cfg, judge_prompts(refs, "judge"), tracking_uri=registry)
+
+
+def test_an_endpoint_judges_every_pair_of_models_for_the_win_rate_matrix(server_factory, registry, tmp_path,
+                                                                          monkeypatch):
+    """evaluate's pairwise verdicts from a compare-only endpoint judge: one ask per pair and prompt (both orders),
+    never a score; the verdicts read both ways."""
+    from tasks.evaluate import win_rates
+
+    monkeypatch.setenv("TEST_JUDGE_KEY", KEY)
+    server = server_factory("--api-key", KEY)
+    judge = endpoint_judge(server, registry, tmp_path, modes=("compare",))
+    assert judge.scores_of(Q, {"right": ["12", "5"]}) is None  # compares pairs: no per-reply score
+    answers = {"right": ["12", "5"], "wrong": ["2", "6"], "half": ["12", "6"]}
+    pairs = [("right", "wrong"), ("right", "half"), ("wrong", "half")]
+    judged = win_rates(Q, answers, pairs, None, judge)
+    assert judged["right/win_rate_vs_wrong"] == [1.0, 1.0] and judged["wrong/win_rate_vs_right"] == [0.0, 0.0]
+    assert judged["right/win_rate_vs_half"] == [0.5, 1.0] and judged["half/win_rate_vs_wrong"] == [1.0, 0.5]
+    asked = server.stats()
+    assert asked["requests"] == len(set(asked["prompts"])) <= 2 * len(pairs) * len(Q)  # a repeated ask is cached
