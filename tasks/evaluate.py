@@ -21,6 +21,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from tasks.harness import HarnessSettings
 from tasks.judges import JudgeSettings, missing_judge_input
 from tasks.kinds import Slot, StageKind
 from tasks.training import Section
@@ -51,6 +52,8 @@ class EvaluateConfig(Section):
     pairwise: bool = Field(True, description="Judge every pair of models (the win-rate matrix, win_rates.json and "
                            "its figure); false: only each compared policy against the reference.")
     figures: bool = Field(True, description="Draw the comparison, win-rate matrix and reward-distribution figures.")
+    harness: HarnessSettings | None = Field(None, description="Also run lm-evaluation-harness tasks (Hub tasks, or "
+                                            "custom local ones) on the models: <model>/harness/<task>/<metric>.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights' dtype for generation and scoring: 'auto' = bfloat16 on a GPU that supports "
         "it, float32 otherwise.",
@@ -211,6 +214,10 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
     with open(out / "generations.jsonl", "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    if cfg.harness is not None:
+        from tasks.harness import run_harness
+
+        metrics.update(run_harness(cfg.harness, models, out, seed, trust_remote_code, cfg.dtype))
     (out / EVALUATION_METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     if cfg.figures:
         draw_figures(metrics, list(models), matrix, rewards, out)
@@ -275,10 +282,13 @@ def _work(cfg: EvaluateConfig, inputs: dict, out: Path, ctx) -> dict[str, float]
     return metrics
 
 
-def judge_sources(cfg: EvaluateConfig, tracking_uri: str | None = None) -> dict[str, dict]:
+def evaluation_sources(cfg: EvaluateConfig, tracking_uri: str | None = None) -> dict[str, dict]:
     from tasks.judges import judge_sources as sources
 
-    return sources(cfg.judge, ("compare",), "judge", tracking_uri) if cfg.judge is not None else {}
+    from tasks.harness import harness_sources
+
+    judged = sources(cfg.judge, ("compare",), "judge", tracking_uri) if cfg.judge is not None else {}
+    return {**judged, **harness_sources(cfg.harness)}
 
 
 def _publish_samples(rows: list[dict], models: list[str]) -> None:
@@ -302,5 +312,5 @@ KIND = StageKind(
     output="report",
     work=_work,
     headline=("*/task_accuracy", "*/win_rate_vs_*", "*/kl_to_*"),
-    source_inputs=judge_sources,
+    source_inputs=evaluation_sources,
 )

@@ -21,7 +21,11 @@ def data(state_home):
 
 
 def _data_overrides(data):
-    return [f"data.{part}.source={path}" for part, path in data.items()]
+    return [f"data.{part}.source={path}" for part, path in data.items()] + [HARNESS]
+
+
+# the evaluation also runs the repository's custom lm-evaluation-harness task (offline) on every model
+HARNESS = "evaluate.harness={tasks: [posttrain_sums_choice], include_path: configs/harness/arithmetic, limit: 8}"
 
 
 @pytest.fixture(scope="module")
@@ -313,10 +317,21 @@ def test_evaluation_figures_are_pictures_of_every_model_on_the_stage_and_parent_
                 assert matrix["ci_low"][a][b] <= matrix["win_rate"][a][b] <= matrix["ci_high"][a][b]
         assert set(figures[where, "reward_distributions"]["models"]) == MODELS
     metrics = _by_name(summary)["evaluate"]["metrics"]
+    for model in MODELS:
+        assert 0.0 <= metrics[f"{model}/harness/posttrain_sums_choice/acc"] <= 1.0
+    assert client.get_run(evaluate).data.tags["posttrain.input.harness.tasks"].endswith("configs/harness/arithmetic@"
+                                                                                       + _task_digest())
     assert matrix["win_rate"]["policy"]["sft"] == pytest.approx(metrics["policy/win_rate_vs_sft"])
     curves = figures["parent", "training_curves"]["stages"]
     assert set(curves) == {"pretrain", "sft", "reward", "align"}
     assert all(panel["train/loss"] >= 2 for panel in curves.values()), curves
+
+
+def _task_digest():
+    from tasks.harness import HarnessSettings, harness_sources
+
+    settings = HarnessSettings(tasks=["posttrain_sums_choice"], include_path="configs/harness/arithmetic")
+    return harness_sources(settings)["harness.tasks"]["digest"][:16]
 
 
 def test_the_mlflow_ui_story(first):

@@ -23,7 +23,7 @@ def test_constraints_pin_every_dependency_but_torch():
     assert "torch" not in pins and not any(n.startswith(("nvidia-", "triton")) for n in pins), \
         "torch is installed first, a CPU or CUDA build; pinning it (or its CUDA libraries) here would fight that"
     requirements = importlib.metadata.requires("posttrain") or []
-    direct = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in requirements}
+    direct = {re.sub(r"[-_.]+", "-", re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0]).lower() for r in requirements}
     assert direct - {"torch"} <= set(pins), f"unpinned direct dependencies: {sorted(direct - {'torch'} - set(pins))}"
 
 
