@@ -8,7 +8,8 @@ settings and its inputs by name; together they form the graph the flow runs.
 
 An input names another instance (its output) or an external model: a Hub id (org/name, optionally
 @revision), a local folder, an fsspec URI (s3://...) or an MLflow registry model (models:/name@alias).
-A recipe without `stages` is the classic chain (sections data, pretrain, sft, reward, align, evaluate),
+A recipe without `stages` is the classic chain (sections data, pretrain, sft, reward, align, evaluate, and
+`promote: {enabled: true}` for a promote stage behind the gate),
 expanded into the same graph (`expand_chain`): the recipes of earlier versions keep working.
 
 `--set a.b=value` overrides any field (the value is read as YAML, so `--set align.beta=0.2` gives a float);
@@ -30,7 +31,7 @@ from tasks.store import state_home
 from tasks.training import Section
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-CHAIN_SECTIONS = ("data", "pretrain", "sft", "reward", "align", "evaluate")
+CHAIN_SECTIONS = ("data", "pretrain", "sft", "reward", "align", "evaluate", "promote")
 
 
 class ConfigError(ValueError):
@@ -196,7 +197,7 @@ def expand_chain(tree: dict) -> dict:
     named after their sections so that summaries, pools and fault points keep their names."""
     tree = dict(tree)
     section = lambda name: dict(tree.pop(name, None) or {})  # noqa: E731
-    data, pretrain, sft, reward, align, evaluate = (section(n) for n in CHAIN_SECTIONS)
+    data, pretrain, sft, reward, align, evaluate, promote = (section(n) for n in CHAIN_SECTIONS)
     use_pretrain = pretrain.pop("enabled", False)
     if use_pretrain:
         base = "pretrain"
@@ -219,6 +220,9 @@ def expand_chain(tree: dict) -> dict:
                                   **({"reward": "reward"} if method == "rlhf" else {})}}
     stages["evaluate"] = {"kind": "evaluate", **evaluate, "inputs": {
         "data": "prepare_data", "reward": "reward", "base": base, "sft": "sft", "policy": "align"}}
+    if promote.pop("enabled", False):
+        stages["promote"] = {"kind": "promote", **promote,
+                             "inputs": {"policy": "align", "report": "evaluate", "data": "prepare_data"}}
     return {**tree, "stages": stages}
 
 

@@ -213,8 +213,6 @@ def publish_prefect_summary(summary: dict, report: str = "") -> None:
         return f"[{run_id[:12]}]({tracking.run_link(uri, experiment, run_id)})" if http else f"`{run_id}`"
 
     lines = ["# posttrain run", "", f"MLflow parent run: {link(summary['mlflow_run_id'])}", ""]
-    if report:
-        lines += [report, ""]
     if not http:
         lines += [f"Open MLflow: `mlflow ui --backend-store-uri {uri}` (then http://127.0.0.1:5000)", ""]
     lines += ["| stage | kind | status | seconds | headline metrics | MLflow run | output |",
@@ -223,6 +221,8 @@ def publish_prefect_summary(summary: dict, report: str = "") -> None:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in headline(s).items()) or s.get("error", "")[:200]
         lines.append(f"| {s['name']} | {s.get('kind', '')} | {s['status']} | {s['seconds']:.1f} | {shown} | "
                      f"{link(s['mlflow_run_id'])} | {s['output_uri'] or '-'} |")
+    if report:  # the evaluation's comparison of every model, with intervals
+        lines += ["", report]
     lines += ["", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4g} |" for k, v in sorted(summary["metrics"].items())]
     create_markdown_artifact(key="posttrain-report", markdown="\n".join(lines), description="posttrain run report")

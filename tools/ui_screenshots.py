@@ -4,6 +4,10 @@ run's logs, its task runs and its artifacts.
 
     python tools/ui_screenshots.py --out /tmp/ui       # needs `chromium` on PATH (apt install chromium)
 
+With --mlflow-home STATE_FOLDER (one that `posttrain run` used), it looks at the MLflow UI instead: an MLflow
+server on that folder's store, and screenshots of the experiment, the newest pipeline run (overview,
+artifacts), its evaluate run, and the model registry.
+
 Prints each screenshot's path and the page heights; the pictures are for a person to look at.
 """
 
@@ -45,15 +49,55 @@ def screenshot(chromium: str, url: str, out: Path, height: int = 1600) -> None:
     print(f"{out}  ({url})", flush=True)
 
 
+def mlflow_pages(chromium: str, state: Path, out: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{state / 'mlflow.db'}"
+    port = _free_port()
+    server = subprocess.Popen(["mlflow", "server", "--backend-store-uri", store, "--host", "127.0.0.1", "--port",
+                               str(port), "--workers", "1"], stdout=open(out / "mlflow-server.log", "w"),
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    ui = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{ui}/health", timeout=5)
+                break
+            except OSError:
+                time.sleep(1)
+        client = MlflowClient(store)
+        parent = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                    "tags.`posttrain.kind` = 'pipeline'", order_by=["start_time DESC"], max_results=1)[0]
+        experiment = parent.info.experiment_id
+        evaluate = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
+                                      "tags.`posttrain.kind` = 'evaluate'")[0]
+        run_page = f"{ui}/#/experiments/{experiment}/runs"
+        screenshot(chromium, f"{ui}/#/experiments/{experiment}", out / "mlflow-experiment.png")
+        screenshot(chromium, f"{run_page}/{parent.info.run_id}", out / "mlflow-parent-run.png", 2400)
+        screenshot(chromium, f"{run_page}/{parent.info.run_id}/artifacts/comparison.png",
+                   out / "mlflow-parent-comparison.png")
+        screenshot(chromium, f"{run_page}/{parent.info.run_id}/artifacts/win_rates.png", out / "mlflow-parent-win-rates.png")
+        screenshot(chromium, f"{run_page}/{parent.info.run_id}/artifacts/training_curves.png",
+                   out / "mlflow-parent-training-curves.png")
+        screenshot(chromium, f"{run_page}/{evaluate.info.run_id}", out / "mlflow-evaluate-run.png", 2400)
+        screenshot(chromium, f"{ui}/#/models", out / "mlflow-models.png")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="ui-screenshots")
+    parser.add_argument("--mlflow-home", help="look at the MLflow UI of this state folder instead")
     args = parser.parse_args()
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if not chromium:
         sys.exit("no chromium on PATH (apt install chromium)")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.mlflow_home:
+        return mlflow_pages(chromium, Path(args.mlflow_home).resolve(), out)
     home = Path(tempfile.mkdtemp(prefix="posttrain-ui-"))
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"

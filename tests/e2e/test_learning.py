@@ -45,3 +45,12 @@ def test_dpo_policy_beats_sft(demo):
 def test_rlhf_policy_beats_sft(demo):
     _, rlhf = demo
     assert rlhf["eval/policy/task_accuracy"] >= rlhf["eval/sft/task_accuracy"] + 0.05
+
+
+def test_the_dpo_policy_passes_the_gate_and_becomes_the_champion(demo):
+    """The demo's promote stage: DPO beats SFT with the paired interval clear of zero and a small KL, so it is
+    registered as models:/demo-policy@champion; the RLHF run after it is judged against that champion."""
+    dpo, rlhf = demo
+    assert dpo["promote/promote/champion"] == 1.0
+    assert dpo["eval/policy/task_accuracy_delta_vs_sft_ci_low"] > 0
+    assert rlhf["promote/promote/champion"] in (0.0, 1.0)

@@ -46,7 +46,8 @@ def test_shipped_recipes_cover_the_common_shapes():
     assert {branches.stages["dpo_beta01"].inputs["policy"], branches.stages["dpo_beta05"].inputs["policy"]} == {"sft"}
     assert {"dpo_beta01", "dpo_beta05"} <= set(branches.stages["evaluate"].inputs.values())
     assert [n for n, _ in shapes["iterative-dpo"]][3:6] == ["dpo.round1", "dpo.round2", "dpo.round3"]
-    assert [n for n, _ in shapes["demo"]] == ["prepare_data", "pretrain", "sft", "reward", "align", "evaluate"]
+    assert [n for n, _ in shapes["demo"]] == ["prepare_data", "pretrain", "sft", "reward", "align", "evaluate",
+                                            "promote"]
 
 
 def test_unknown_input_is_named_with_the_instance():
