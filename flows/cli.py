@@ -55,6 +55,7 @@ def print_summary(summary: dict, home: Path) -> None:
     from rich.table import Table
 
     from flows.lineage import headline
+    from tasks import tracking
 
     console = Console(stderr=False)
     table = Table(title="posttrain stages")
@@ -69,9 +70,10 @@ def print_summary(summary: dict, home: Path) -> None:
     console.print(f"MLflow parent run: {summary['mlflow_run_id']}   Prefect flow run: {summary['flow_run_id']}")
     uri = summary.get("tracking_uri", "")
     if uri.startswith("sqlite:"):
-        console.print(f"Open the MLflow UI:  mlflow ui --backend-store-uri {uri}")
+        page = tracking.ui_link("http://127.0.0.1:5000", summary["experiment_id"], summary["mlflow_run_id"])
+        console.print(f"Open the MLflow UI:  mlflow ui --backend-store-uri {uri}   then {page}")
     elif uri:
-        console.print(f"MLflow UI: {uri}")
+        console.print(f"MLflow UI: {tracking.ui_link(uri, summary['experiment_id'], summary['mlflow_run_id'])}")
 
 
 def _load_recipe(args):

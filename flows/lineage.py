@@ -178,7 +178,9 @@ def close_pipeline_run(cfg: PipelineConfig, env: dict, stages: list[dict], error
         "experiment_id": env["experiment_id"],
         "storage_root": cfg.storage.root,
     }
-    tracking.log_metrics(uri, run_id, summary["metrics"])
+    # the evaluation's numbers first: the MLflow UI lists a run's metrics in the order they were logged
+    ordered = sorted(summary["metrics"].items(), key=lambda item: not item[0].startswith("eval/"))
+    tracking.log_metrics(uri, run_id, dict(ordered))
     try:
         from flows.report import publish_evaluations
 
@@ -214,7 +216,8 @@ def publish_prefect_summary(summary: dict, report: str = "") -> None:
 
     lines = ["# posttrain run", "", f"MLflow parent run: {link(summary['mlflow_run_id'])}", ""]
     if not http:
-        lines += [f"Open MLflow: `mlflow ui --backend-store-uri {uri}` (then http://127.0.0.1:5000)", ""]
+        page = tracking.ui_link("http://127.0.0.1:5000", experiment, summary["mlflow_run_id"])
+        lines += [f"Open MLflow: `mlflow ui --backend-store-uri {uri}`, then {page}", ""]
     lines += ["| stage | kind | status | seconds | headline metrics | MLflow run | output |",
               "|---|---|---|---|---|---|---|"]
     for s in summary["stages"]:

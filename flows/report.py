@@ -70,6 +70,28 @@ def attach_datasets(tracking_uri: str, run_id: str, stages: list[dict]) -> None:
     tracking.copy_dataset_inputs(tracking_uri, runs, run_id)
 
 
+def decisions(tracking_uri: str, stages: list[dict]) -> list[str]:
+    """What each promote stage decided, in a line: the version, its alias and the gate's reasons."""
+    client = tracking.client(tracking_uri)
+    lines = []
+    for stage in stages:
+        if stage.get("kind") == "promote" and stage.get("mlflow_run_id"):
+            tags = client.get_run(_origin_run(client, stage["mlflow_run_id"])).data.tags
+            if "posttrain.promote.model" in tags:
+                lines.append(f"**Promotion** ({stage['name']}): {tags['posttrain.promote.model']} is "
+                             f"**@{tags['posttrain.promote.alias']}**: {tags.get('posttrain.gate.reasons', '')}")
+    return lines
+
+
+def ranking(metrics: dict[str, float], metric: str = "task_accuracy") -> str:
+    """The models by the primary metric, best first, each with its interval: the comparison in one line."""
+    rows = [(k.split("/")[0], v) for k, v in metrics.items() if k.endswith(f"/{metric}") and k.count("/") == 1]
+    shown = [f"{model} {value:.3f} [{metrics.get(f'{model}/{metric}_ci_low', value):.3f}, "
+             f"{metrics.get(f'{model}/{metric}_ci_high', value):.3f}]"
+             for model, value in sorted(rows, key=lambda r: -r[1])]
+    return f"**{metric}**: " + " > ".join(shown) if shown else ""
+
+
 def publish_evaluations(cfg, env: dict, stages: list[dict]) -> str:
     """Log the headline on the parent run (comparison table, the evaluation's figures, the training-curves
     panel, the comparison as the run's description) and return it as markdown for the Prefect report."""
@@ -89,15 +111,16 @@ def publish_evaluations(cfg, env: dict, stages: list[dict]) -> str:
         output = ArtifactStore(cfg.storage.root).materialize(Ref(stage["output_uri"], stage["output_digest"]))
         if (output / "figures").is_dir():
             tracking.log_artifacts(uri, run_id, output / "figures", folder.rstrip("/") or None)
-        parts.append(f"## Evaluation `{stage['name']}`: every model on the held-out prompts\n\n"
-                     f"Value [95% bootstrap interval]. Table: {folder}comparison_table.json; figures: {folder}comparison.png, {folder}win_rates.png, "
-                     f"{folder}reward_distributions.png; training curves: training_curves.png.\n\n"
-                     + markdown_table(rows))
+        parts.append("\n\n".join(line for line in (
+            ranking(stage["metrics"]),
+            f"Every model on the held-out prompts (evaluation `{stage['name']}`), value [95% bootstrap interval]; "
+            f"table {folder}comparison_table.json, figures {folder}comparison.png, {folder}win_rates.png, "
+            f"{folder}reward_distributions.png, training_curves.png:", markdown_table(rows)) if line))
     with tempfile.TemporaryDirectory() as tmp:
         if figures.training_curves(training_curves(uri, stages), Path(tmp)):
             tracking.log_artifact(uri, run_id, Path(tmp) / "training_curves.png", None)
             tracking.log_artifact(uri, run_id, Path(tmp) / "training_curves.json", None)
-    report = "\n\n".join(parts)
+    report = "\n\n".join(decisions(uri, stages) + parts)
     if report:
         tracking.set_tags(uri, run_id, {"mlflow.note.content": report})
     return report

@@ -57,11 +57,22 @@ def with_local_credentials(uri: str) -> str:
     return uri
 
 
+# The MLflow UI (3.x) opens an experiment on its GenAI pages unless the link asks for the model-training view
+# (the experiment's mlflow.experimentKind tag is not enough there); every link posttrain prints asks for it.
+TRAINING_VIEW = "?workflowType=machine_learning"
+
+
+def ui_link(server: str, experiment_id: str, run_id: str | None = None) -> str:
+    """An experiment's (or run's) page in the MLflow UI at `server`, in the model-training view."""
+    page = f"{server.rstrip('/')}/#/experiments/{experiment_id}"
+    return (f"{page}/runs/{run_id}" if run_id else page) + TRAINING_VIEW
+
+
 def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """Where a user opens a run: its page on a tracking server, or the command that serves a local store."""
     uri = strip_credentials(tracking_uri)
     if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        return ui_link(uri, experiment_id, run_id)
     return f"{run_id} (open with: mlflow ui --backend-store-uri {uri})"
 
 

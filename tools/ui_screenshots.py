@@ -71,15 +71,19 @@ def mlflow_pages(chromium: str, state: Path, out: Path) -> None:
         experiment = parent.info.experiment_id
         evaluate = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
                                       "tags.`posttrain.kind` = 'evaluate'")[0]
+        from tasks.tracking import TRAINING_VIEW, ui_link
+
         run_page = f"{ui}/#/experiments/{experiment}/runs"
-        screenshot(chromium, f"{ui}/#/experiments/{experiment}", out / "mlflow-experiment.png")
-        screenshot(chromium, f"{run_page}/{parent.info.run_id}", out / "mlflow-parent-run.png", 2400)
-        screenshot(chromium, f"{run_page}/{parent.info.run_id}/artifacts/comparison.png",
+        screenshot(chromium, f"{ui}/#/experiments/{experiment}", out / "mlflow-experiment-plain-link.png")
+        screenshot(chromium, ui_link(ui, experiment), out / "mlflow-experiment.png")
+        screenshot(chromium, ui_link(ui, experiment, parent.info.run_id), out / "mlflow-parent-run.png", 2400)
+        screenshot(chromium, f"{run_page}/{parent.info.run_id}/artifacts/comparison.png{TRAINING_VIEW}",
                    out / "mlflow-parent-comparison.png")
-        screenshot(chromium, f"{run_page}/{parent.info.run_id}/artifacts/win_rates.png", out / "mlflow-parent-win-rates.png")
-        screenshot(chromium, f"{run_page}/{parent.info.run_id}/artifacts/training_curves.png",
+        screenshot(chromium, f"{run_page}/{parent.info.run_id}/artifacts/win_rates.png{TRAINING_VIEW}",
+                   out / "mlflow-parent-win-rates.png")
+        screenshot(chromium, f"{run_page}/{parent.info.run_id}/artifacts/training_curves.png{TRAINING_VIEW}",
                    out / "mlflow-parent-training-curves.png")
-        screenshot(chromium, f"{run_page}/{evaluate.info.run_id}", out / "mlflow-evaluate-run.png", 2400)
+        screenshot(chromium, ui_link(ui, experiment, evaluate.info.run_id), out / "mlflow-evaluate-run.png", 2400)
         screenshot(chromium, f"{ui}/#/models", out / "mlflow-models.png")
     finally:
         server.terminate()

@@ -269,7 +269,7 @@ def test_prefect_ui_shows_stage_logs_progress_and_every_stage_in_the_artifacts(f
     assert "train_rows=" in headlines["prepare_data"] and "train/final_loss=" in headlines["align"]
     assert "mlflow ui --backend-store-uri" in by_key["posttrain-report"].data
     report = by_key["posttrain-report"].data
-    assert "every model on the held-out prompts" in report
+    assert "Every model on the held-out prompts" in report
     for model in ("base", "sft", "policy"):
         assert f"| {model} | " in report, model
 
@@ -348,7 +348,7 @@ def test_the_mlflow_ui_story(first):
     parent = client.get_run(summary["mlflow_run_id"])
     assert parent.info.run_name.startswith("tiny · ") and "data.sft.source=" in parent.info.run_name
     note = parent.data.tags["mlflow.note.content"]
-    assert note.startswith("## Evaluation") and all(f"| {m} | " in note for m in MODELS)
+    assert note.startswith("**task_accuracy**: ") and all(f"| {m} | " in note for m in MODELS)
     table = json.loads(open(client.download_artifacts(parent.info.run_id, "comparison_table.json")).read())
     assert [row[0] for row in table["data"]] == ["base", "sft", "policy"] and "task_accuracy" in table["columns"]
     children = client.search_runs([summary["experiment_id"]], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")

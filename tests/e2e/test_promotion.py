@@ -85,6 +85,10 @@ def test_a_policy_that_fails_the_gate_is_the_challenger_with_the_reasons(gated):
 
     with pytest.raises(MlflowException):
         client.get_model_version_by_alias("gated-policy", "champion")
+    # the decision is the first thing on the pipeline's MLflow run (its description)
+    note = client.get_run(summary["mlflow_run_id"]).data.tags["mlflow.note.content"]
+    assert note.startswith(f"**Promotion** (promote): models:/gated-policy/{challenger.version} is **@challenger**: ")
+    assert "not clear of" in note.splitlines()[0]
 
 
 def test_a_passing_gate_makes_the_champion_which_loads_and_feeds_another_recipe(gated, state_home, tmp_path):
