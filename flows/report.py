@@ -40,9 +40,11 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def _origin_run(client, run_id: str) -> str:
+def _origin_run(client, run_id: str):
     """The run that computed a stage (a cached stage's run in this pipeline points at it)."""
-    return client.get_run(run_id).data.tags.get(tracking.TAG_CACHED_FROM) or run_id
+    run = client.get_run(run_id)
+    origin = run.data.tags.get(tracking.TAG_CACHED_FROM)
+    return client.get_run(origin) if origin else run
 
 
 def training_curves(tracking_uri: str, stages: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
@@ -51,10 +53,10 @@ def training_curves(tracking_uri: str, stages: list[dict]) -> dict[str, dict[str
     for stage in stages:
         if stage.get("kind") in NOT_TRAINING or not stage.get("mlflow_run_id"):
             continue
-        run_id = _origin_run(client, stage["mlflow_run_id"])
+        run = _origin_run(client, stage["mlflow_run_id"])
         found = {}
-        for name in CURVES:
-            history = client.get_metric_history(run_id, name)
+        for name in (c for c in CURVES if c in run.data.metrics):
+            history = client.get_metric_history(run.info.run_id, name)
             if len(history) > 1:
                 found[name] = sorted((h.step, h.value) for h in history)
         curves[stage["name"]] = found
@@ -65,7 +67,7 @@ def attach_datasets(tracking_uri: str, run_id: str, stages: list[dict]) -> None:
     """Give the parent run the dataset inputs its data and evaluation stages recorded (the prepared splits,
     the held-out prompts), so the run's page names the data it was made from."""
     client = tracking.client(tracking_uri)
-    runs = [_origin_run(client, s["mlflow_run_id"]) for s in stages
+    runs = [_origin_run(client, s["mlflow_run_id"]).info.run_id for s in stages
             if s.get("kind") in ("prepare_data", "evaluate") and s.get("mlflow_run_id")]
     tracking.copy_dataset_inputs(tracking_uri, runs, run_id)
 
@@ -76,7 +78,7 @@ def decisions(tracking_uri: str, stages: list[dict]) -> list[str]:
     lines = []
     for stage in stages:
         if stage.get("kind") == "promote" and stage.get("mlflow_run_id"):
-            tags = client.get_run(_origin_run(client, stage["mlflow_run_id"])).data.tags
+            tags = _origin_run(client, stage["mlflow_run_id"]).data.tags
             if "posttrain.promote.model" in tags:
                 lines.append(f"**Promotion** ({stage['name']}): {tags['posttrain.promote.model']} is "
                              f"**@{tags['posttrain.promote.alias']}**: {tags.get('posttrain.gate.reasons', '')}")
@@ -101,7 +103,7 @@ def publish_evaluations(cfg, env: dict, stages: list[dict]) -> str:
     uri, run_id = env["tracking_uri"], env["parent_run_id"]
     attach_datasets(uri, run_id, stages)
     evaluations = [s for s in stages if s.get("kind") == "evaluate" and s.get("output_uri")]
-    parts = []
+    parts, drawn = [], False
     for stage in evaluations:
         folder = "" if len(evaluations) == 1 else f"{stage['name']}/"
         rows = comparison_rows(stage["metrics"])
@@ -111,13 +113,14 @@ def publish_evaluations(cfg, env: dict, stages: list[dict]) -> str:
         output = ArtifactStore(cfg.storage.root).materialize(Ref(stage["output_uri"], stage["output_digest"]))
         if (output / "figures").is_dir():
             tracking.log_artifacts(uri, run_id, output / "figures", folder.rstrip("/") or None)
+            drawn = True
         parts.append("\n\n".join(line for line in (
             ranking(stage["metrics"]),
-            f"Every model on the held-out prompts (evaluation `{stage['name']}`), value [95% bootstrap interval]; "
+            f"Every model on the held-out prompts (evaluation `{stage['name']}`), value [bootstrap interval]; "
             f"table {folder}comparison_table.json, figures {folder}comparison.png, {folder}win_rates.png, "
             f"{folder}reward_distributions.png, training_curves.png:", markdown_table(rows)) if line))
-    with tempfile.TemporaryDirectory() as tmp:
-        if figures.training_curves(training_curves(uri, stages), Path(tmp)):
+    with tempfile.TemporaryDirectory() as tmp:  # an evaluation with `figures: false` turns the run's pictures off
+        if (drawn or not evaluations) and figures.training_curves(training_curves(uri, stages), Path(tmp)):
             tracking.log_artifact(uri, run_id, Path(tmp) / "training_curves.png", None)
             tracking.log_artifact(uri, run_id, Path(tmp) / "training_curves.json", None)
     report = "\n\n".join(decisions(uri, stages) + parts)

@@ -220,7 +220,7 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
         metrics.update(run_harness(cfg.harness, models, out, seed, trust_remote_code, cfg.dtype))
     (out / EVALUATION_METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     if cfg.figures:
-        draw_figures(metrics, list(models), matrix, rewards, out)
+        draw_figures(metrics, list(models), matrix, rewards, out, cfg.confidence)
     return metrics
 
 
@@ -240,12 +240,13 @@ def win_rates(prompts: list, answers: dict[str, list[str]], pairs: list[tuple[st
     return judged
 
 
-def draw_figures(metrics: dict[str, float], models: list[str], matrix: dict | None, rewards: dict, out: Path) -> None:
+def draw_figures(metrics: dict[str, float], models: list[str], matrix: dict | None, rewards: dict, out: Path,
+                 confidence: float) -> None:
     from tasks import figures
 
     folder = out / "figures"
     folder.mkdir(exist_ok=True)
-    figures.comparison(metrics, models, folder)
+    figures.comparison(metrics, models, folder, confidence)
     if matrix is not None:
         figures.win_rate_matrix(matrix, folder)
     figures.reward_distributions(rewards, folder)

@@ -34,14 +34,14 @@ def save(fig, path: Path, data: dict) -> Path:
     return path
 
 
-def comparison(metrics: dict[str, float], models: list[str], out: Path) -> Path | None:
+def comparison(metrics: dict[str, float], models: list[str], out: Path, confidence: float = 0.95) -> Path | None:
     """One panel per headline metric present: a bar per model with its bootstrap interval as error bar."""
     shown = [m for m in COMPARED if any(f"{model}/{m}" in metrics for model in models)]
     if not shown:
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown) + 1, 3.6), squeeze=False)
-    data = {"models": models, "metrics": {}}
+    data = {"models": models, "confidence": confidence, "metrics": {}}
     for ax, metric in zip(axes[0], shown):
         names = [m for m in models if f"{m}/{metric}" in metrics]
         values = [metrics[f"{m}/{metric}"] for m in names]
@@ -55,7 +55,7 @@ def comparison(metrics: dict[str, float], models: list[str], out: Path) -> Path 
             ax.set_ylim(0, 1)
         data["metrics"][metric] = {m: {"value": v, "ci_low": lo, "ci_high": hi}
                                    for m, v, lo, hi in zip(names, values, lows, highs)}
-    fig.suptitle("Models on the held-out prompts (bars: 95% bootstrap intervals)" if len(shown) > 1 else "")
+    fig.suptitle(f"Models on the held-out prompts (bars: {confidence:.0%} bootstrap intervals)")
     fig.tight_layout()
     return save(fig, out / "comparison.png", data)
 

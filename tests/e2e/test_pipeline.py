@@ -21,7 +21,7 @@ def data(state_home):
 
 
 def _data_overrides(data):
-    return [f"data.{part}.source={path}" for part, path in data.items()] + [HARNESS]
+    return [f"data.{part}.source={path}" for part, path in data.items()] + [HARNESS, "evaluate.figures=true"]
 
 
 # the evaluation also runs the repository's custom lm-evaluation-harness task (offline) on every model
