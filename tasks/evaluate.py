@@ -170,7 +170,8 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
         series.update(judged)
         if cfg.pairwise:
             matrix = {"models": list(models), "judge": judge.name if judge is not None else "reward model",
-                      "prompts": len(prompts), **{k: {a: {} for a in models} for k in ("win_rate", "ci_low", "ci_high")}}
+                      "prompts": len(prompts),
+                      **{k: {a: {} for a in models} for k in ("win_rate", "ci_low", "ci_high")}}
             for key, verdicts in judged.items():
                 a, _, b = key.partition("/win_rate_vs_")
                 matrix["win_rate"][a][b] = sum(verdicts) / len(verdicts)
@@ -188,8 +189,8 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
             series[f"{name}/kl_to_{reference}"] = [sum(per_sample[i * k:(i + 1) * k]) / k for i in range(len(prompts))]
         free(ref_model)
 
-    shown = {key: values for key, values in series.items() if "/win_rate_vs_" not in key or key.startswith(
-        tuple(f"{name}/win_rate_vs_{reference}" for name in compared))}
+    versus_reference = {f"{name}/win_rate_vs_{reference}" for name in compared}
+    shown = {key: values for key, values in series.items() if "/win_rate_vs_" not in key or key in versus_reference}
     for key, values in shown.items():
         if key.endswith("/task_accuracy") or key.endswith("/mean_reward"):
             continue  # already in metrics, with the per-task breakdown
@@ -197,8 +198,8 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
     for key, (low, high) in bootstrap_intervals(shown, cfg.bootstrap_samples, cfg.confidence, seed).items():
         metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"] = low, high
     if matrix is not None:
-        pairs = {key: values for key, values in series.items() if "/win_rate_vs_" in key}
-        for key, (low, high) in bootstrap_intervals(pairs, cfg.bootstrap_samples, cfg.confidence, seed).items():
+        every_pair = {key: values for key, values in series.items() if "/win_rate_vs_" in key}
+        for key, (low, high) in bootstrap_intervals(every_pair, cfg.bootstrap_samples, cfg.confidence, seed).items():
             a, _, b = key.partition("/win_rate_vs_")
             matrix["ci_low"][a][b], matrix["ci_high"][a][b] = low, high
         (out / "win_rates.json").write_text(json.dumps(matrix, indent=2))

@@ -112,7 +112,8 @@ def training_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], out: 
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False)
     for ax, stage in zip(axes.flat, stages):
         for name, points in curves[stage].items():
-            ax.plot([p[0] for p in points], [p[1] for p in points], label=name, marker="." if len(points) < 30 else None)
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=name,
+                    marker="." if len(points) < 30 else None)
         ax.set_title(stage, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.legend(fontsize=7)

@@ -59,7 +59,8 @@ _Loader.add_multi_constructor("!", lambda loader, suffix, node: _Tagged(
     loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode) else loader.construct_mapping(node)))
 _Dumper.add_representer(_Tagged, lambda dumper, t: (
     dumper.represent_scalar(t.tag, t.value) if isinstance(t.value, str) else
-    dumper.represent_sequence(t.tag, t.value) if isinstance(t.value, list) else dumper.represent_mapping(t.tag, t.value)))
+    dumper.represent_sequence(t.tag, t.value) if isinstance(t.value, list) else
+    dumper.represent_mapping(t.tag, t.value)))
 
 
 def task_folder(path: str, project_root: Path) -> Path:
@@ -113,7 +114,8 @@ def needs_builtin_tasks(requested: list[str], folder: str | None) -> bool:
                 defined.add(value)
             elif isinstance(value, list):
                 target = referenced if key == "task" else defined
-                target.update(v if isinstance(v, str) else v.get("task", "") for v in value if isinstance(v, (str, dict)))
+                target.update(v if isinstance(v, str) else v.get("task", "")
+                              for v in value if isinstance(v, (str, dict)))
     return not referenced <= defined
 
 
