@@ -28,7 +28,6 @@ from tasks.training import Section
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 EVALUATION_METRICS = "metrics.json"  # in the evaluate stage's output: every metric it reports
-NOT_MODELS = ("data", "reward", "judge")  # the evaluate inputs that are not models to evaluate
 
 
 class EvaluateConfig(Section):
@@ -128,6 +127,11 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
     if reward is not None:
         rm_tokenizer = load_tokenizer(reward, trust_remote_code)
         rm = load_reward_model(reward, trust_remote_code, cfg.dtype, on_device=True)
+    harness = None
+    if cfg.harness is not None:
+        from tasks.harness import Harness
+
+        harness = Harness(cfg.harness, list(models), out, seed)
     answers, rewards, metrics, samples = {}, {}, {}, {}
     series: dict[str, list[float]] = {}  # per-prompt values of the headline numbers, for their intervals
     many = [p for p in prompts for _ in range(cfg.kl_samples)]
@@ -154,6 +158,8 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
         if name in compared and cfg.kl_samples:
             sampled = generate(model, tokenizer, many, cfg.max_new_tokens, cfg.batch_size, do_sample=True, seed=seed)
             samples[name] = (sampled, reply_logprobs(model, tokenizer, many, sampled, cfg.batch_size))
+        if harness is not None:
+            metrics.update(harness.run(name, model, tokenizer))
         free(model)
     if reward is not None:
         free(rm)
@@ -215,10 +221,6 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
     with open(out / "generations.jsonl", "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    if cfg.harness is not None:
-        from tasks.harness import run_harness
-
-        metrics.update(run_harness(cfg.harness, models, out, seed, trust_remote_code, cfg.dtype))
     (out / EVALUATION_METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     if cfg.figures:
         draw_figures(metrics, list(models), matrix, rewards, out, cfg.confidence)
@@ -262,9 +264,10 @@ def sample_table(out: Path, rows: int) -> list[dict]:
 def _work(cfg: EvaluateConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
     from tasks import tracking
     from tasks.judges import build_judge, judge_prompts
-    from tasks.sft import log_training_split
+    from tasks.sft import log_data_split
 
-    models = {name: source for name, source in inputs.items() if name not in NOT_MODELS and "." not in name}
+    # every input but the named slots (data, reward, judge) and source inputs (judge.prompt.*, harness.tasks)
+    models = {name: source for name, source in inputs.items() if name not in KIND.inputs and "." not in name}
     judge = None
     if cfg.judge is not None:
         judge = build_judge(cfg.judge, judge_prompts(inputs, "judge"), inputs.get("reward"), inputs.get("judge"),
@@ -276,7 +279,7 @@ def _work(cfg: EvaluateConfig, inputs: dict, out: Path, ctx) -> dict[str, float]
     finally:
         if judge is not None:
             judge.close()
-    log_training_split(ctx, inputs["data"], "eval", "test", "evaluation")
+    log_data_split(ctx, inputs["data"], "eval", "test", "evaluation")
     rows = sample_table(out, cfg.table_rows)
     tracking.log_table(ctx.env.tracking_uri, ctx.run_id, rows, "samples/generations.json")
     tracking.log_artifacts(ctx.env.tracking_uri, ctx.run_id, out, "evaluation")
@@ -285,9 +288,9 @@ def _work(cfg: EvaluateConfig, inputs: dict, out: Path, ctx) -> dict[str, float]
 
 
 def evaluation_sources(cfg: EvaluateConfig, tracking_uri: str | None = None) -> dict[str, dict]:
-    from tasks.judges import judge_sources as sources
-
+    """The judge's prompt versions (or rule source) and the custom harness tasks, as stage inputs."""
     from tasks.harness import harness_sources
+    from tasks.judges import judge_sources as sources
 
     judged = sources(cfg.judge, ("compare",), "judge", tracking_uri) if cfg.judge is not None else {}
     return {**judged, **harness_sources(cfg.harness)}

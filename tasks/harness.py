@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import yaml
@@ -63,11 +62,11 @@ _Dumper.add_representer(_Tagged, lambda dumper, t: (
     dumper.represent_mapping(t.tag, t.value)))
 
 
-def task_folder(path: str, project_root: Path) -> Path:
+def task_folder(path: str) -> Path:
     """The custom task folder: a path as given, or relative to the project (configs/harness/arithmetic)."""
     folder = Path(path).expanduser()
     if not folder.is_absolute() and not folder.exists():
-        folder = project_root / path
+        folder = PROJECT_ROOT / path
     if not folder.is_dir():
         raise ValueError(f"evaluate.harness.include_path: {folder} is not a folder")
     if not any(folder.rglob("*.yaml")):
@@ -75,37 +74,46 @@ def task_folder(path: str, project_root: Path) -> Path:
     return folder
 
 
+def _task_configs(folder: Path):
+    """(path, parsed YAML) of each task file in a folder, custom tags kept."""
+    for path in sorted(folder.rglob("*.yaml")):
+        yield path, yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+
+
 def localized_tasks(folder: Path, into: Path) -> Path:
-    """A copy of a custom task folder whose relative data_files point at the files beside each YAML."""
-    shutil.copytree(folder, into, dirs_exist_ok=True)
-    for path in into.rglob("*.yaml"):
-        config = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
-        files = (config or {}).get("dataset_kwargs", {}).get("data_files") if isinstance(config, dict) else None
+    """The task YAMLs of a custom folder (and the Python files their `!function`s name) copied into `into`, each
+    relative data_files path made absolute: the file beside the YAML. The data files themselves stay put."""
+    for path, config in _task_configs(folder):
+        target = into / path.relative_to(folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        files = config.get("dataset_kwargs", {}).get("data_files") if isinstance(config, dict) else None
         if files is None:
+            shutil.copyfile(path, target)
             continue
-        original = folder / path.relative_to(into).parent
 
         def absolute(value):
             if isinstance(value, list):
                 return [absolute(v) for v in value]
             if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
-                if not (original / value).exists():
-                    raise ValueError(f"{folder / path.relative_to(into)}: data file {value!r} is not beside the task "
-                                     f"({original / value} does not exist)")
-                return str(original / value)
+                if not (path.parent / value).exists():
+                    raise ValueError(f"{path}: data file {value!r} is not beside the task "
+                                     f"({path.parent / value} does not exist)")
+                return str(path.parent / value)
             return value
 
         config["dataset_kwargs"]["data_files"] = (
             {split: absolute(v) for split, v in files.items()} if isinstance(files, dict) else absolute(files))
-        path.write_text(yaml.dump(config, Dumper=_Dumper, sort_keys=False), encoding="utf-8")
+        target.write_text(yaml.dump(config, Dumper=_Dumper, sort_keys=False), encoding="utf-8")
+    for module in folder.rglob("*.py"):
+        (into / module.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(module, into / module.relative_to(folder))
     return into
 
 
-def needs_builtin_tasks(requested: list[str], folder: str | None) -> bool:
+def needs_builtin_tasks(requested: list[str], folder: Path | None) -> bool:
     """Whether the requested tasks (or a local group's members) reach beyond the custom folder's definitions."""
     defined, referenced = set(), set(requested)
-    for path in Path(folder).rglob("*.yaml") if folder else ():
-        config = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    for _, config in _task_configs(folder) if folder else ():
         if not isinstance(config, dict):
             continue
         for key in ("task", "group", "tag"):
@@ -130,45 +138,50 @@ def metric_name(model: str, task: str, key: str) -> str | None:
     return sanitize_metric_name(name)
 
 
-def run_harness(cfg: HarnessSettings, models: dict[str, Path | str], out: Path, seed: int,
-                trust_remote_code: bool = False, dtype: str = "auto") -> dict[str, float]:
-    """Run the tasks on each chosen model; results (the harness's own JSON) under out/harness/<model>.json."""
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+class Harness:
+    """The harness's tasks, set up once for an evaluate stage, then run on each chosen model while the stage has
+    it loaded (no second load). The tasks as run (a custom folder's YAMLs, data paths made absolute) and the
+    harness's own results per model are kept under out/harness/."""
 
-    from tasks.modeling import accelerator, free, load_causal_lm, load_tokenizer
+    def __init__(self, cfg: HarnessSettings, models: list[str], out: Path, seed: int):
+        from lm_eval.tasks import TaskManager
 
-    chosen = cfg.models or list(models)
-    unknown = [m for m in chosen if m not in models]
-    if unknown:
-        raise ValueError(f"evaluate.harness.models: {unknown} are not inputs of this stage (it has {list(models)})")
-    (out / "harness").mkdir(exist_ok=True)
-    metrics: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        include = None
-        if cfg.include_path:
-            include = str(localized_tasks(task_folder(cfg.include_path, PROJECT_ROOT), Path(tmp) / "tasks"))
+        self.cfg, self.seed, self.out = cfg, seed, out / "harness"
+        self.chosen = cfg.models or list(models)
+        unknown = [m for m in self.chosen if m not in models]
+        if unknown:
+            raise ValueError(f"evaluate.harness.models: {unknown} are not inputs of this stage (it has {models})")
+        include = localized_tasks(task_folder(cfg.include_path), self.out / "tasks") if cfg.include_path else None
         # the harness indexes its thousands of built-in task files only when a task is not a local one (seconds)
-        manager = TaskManager(include_path=include, include_defaults=needs_builtin_tasks(cfg.tasks, include))
-        for name in chosen:
-            model = load_causal_lm(models[name], trust_remote_code, dtype, on_device=True)
-            tokenizer = load_tokenizer(models[name], trust_remote_code)
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, device=accelerator())
-            results = lm_eval.simple_evaluate(
-                model=lm, tasks=list(cfg.tasks), task_manager=manager, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
-                bootstrap_iters=cfg.bootstrap_iters, log_samples=False, apply_chat_template=cfg.apply_chat_template,
-                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
-            free(model)
-            kept = {k: results[k] for k in ("results", "configs", "versions", "n-shot", "n-samples", "higher_is_better")
-                    if k in results}
-            (out / "harness" / f"{name}.json").write_text(json.dumps(kept, indent=2, default=str))
-            for task, values in results["results"].items():
-                for key, value in values.items():
-                    metric = metric_name(name, task, key)
-                    if metric is not None and isinstance(value, (int, float)):
-                        metrics[metric] = float(value)
-    return metrics
+        self.manager = TaskManager(include_path=str(include) if include else None,
+                                   include_defaults=needs_builtin_tasks(cfg.tasks, include))
+
+    def run(self, name: str, model, tokenizer) -> dict[str, float]:
+        """The tasks on one model: its metrics (none for a model the settings leave out)."""
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+
+        from tasks.modeling import accelerator
+
+        if name not in self.chosen:
+            return {}
+        cfg = self.cfg
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, device=accelerator())
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=list(cfg.tasks), task_manager=self.manager, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+            bootstrap_iters=cfg.bootstrap_iters, log_samples=False, apply_chat_template=cfg.apply_chat_template,
+            random_seed=self.seed, numpy_random_seed=self.seed, torch_random_seed=self.seed,
+            fewshot_random_seed=self.seed)
+        kept = {k: results[k] for k in ("results", "configs", "versions", "n-shot", "n-samples", "higher_is_better")
+                if k in results}
+        (self.out / f"{name}.json").write_text(json.dumps(kept, indent=2, default=str))
+        metrics = {}
+        for task, values in results["results"].items():
+            for key, value in values.items():
+                metric = metric_name(name, task, key)
+                if metric is not None and isinstance(value, (int, float)):
+                    metrics[metric] = float(value)
+        return metrics
 
 
 def harness_sources(cfg: HarnessSettings | None) -> dict[str, dict]:
@@ -178,7 +191,7 @@ def harness_sources(cfg: HarnessSettings | None) -> dict[str, dict]:
 
     if cfg is None or not cfg.include_path:
         return {}
-    folder = task_folder(cfg.include_path, PROJECT_ROOT)
+    folder = task_folder(cfg.include_path)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     digest = digest_json([[p.relative_to(folder).as_posix(), file_digest(p)] for p in files])
     return {"harness.tasks": {"uri": str(folder.resolve()), "digest": digest, "kind": "source"}}
