@@ -117,7 +117,9 @@ def cmd_run(args) -> int:
     if loaded is None:
         return 2
     config, chosen = loaded
-    said = {"posttrain.recipe": args.config or "configs/demo.yaml", "posttrain.overrides": " ".join(args.set or [])}
+    from flows.lineage import recipe_tags
+
+    said = recipe_tags(args.config or "configs/demo.yaml", args.set)
     return _run_pipeline(config, args.summary_json, home, said, server=_local_prefect_server(), selection=chosen)[0]
 
 
@@ -158,6 +160,11 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _tracking_uri(args, home: Path) -> str:
+    """The tracking store a command reads: --tracking-uri, else $MLFLOW_TRACKING_URI, else the state folder's."""
+    return args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home}/mlflow.db"
+
+
 def cmd_gc(args) -> int:
     home = _prepare_environment()
     from flows.config import StorageConfig
@@ -166,7 +173,7 @@ def cmd_gc(args) -> int:
 
     root = args.storage_root or StorageConfig().root or str(home / "artifacts")
     store = ArtifactStore(root)
-    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home}/mlflow.db"
+    tracking_uri = _tracking_uri(args, home)
     referenced = None
     if args.keep_days > 0:
         try:
@@ -269,7 +276,7 @@ def cmd_compare(args) -> int:
     from flows.compare import compare_runs, print_comparison, read_both
     from flows.reproduce import ReproduceError
 
-    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home}/mlflow.db"
+    tracking_uri = _tracking_uri(args, home)
     try:
         with tempfile.TemporaryDirectory() as scratch:
             diff = compare_runs(*read_both(args.run_a, args.run_b, tracking_uri, Path(scratch)))
@@ -288,7 +295,7 @@ def cmd_promote(args) -> int:
     home = _prepare_environment()
     from tasks import tracking
 
-    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home}/mlflow.db"
+    tracking_uri = _tracking_uri(args, home)
     client = tracking.client(tracking_uri)
     try:
         run = client.get_run(args.run_id)
@@ -323,7 +330,7 @@ def cmd_reproduce(args) -> int:
     from flows.reproduce import ReproduceError, Tolerance, compare, prepare_reproduction, read_recorded
     from tasks import hardware
 
-    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home}/mlflow.db"
+    tracking_uri = _tracking_uri(args, home)
     try:
         with tempfile.TemporaryDirectory() as scratch:
             recorded = read_recorded(args.run_id, tracking_uri, Path(scratch))
@@ -410,6 +417,11 @@ def cmd_deploy(args) -> int:
     return 0
 
 
+def _tracking_uri_option(command) -> None:
+    command.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the state "
+                         "folder's)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="posttrain", description="LLM post-training as a cached Prefect flow.")
     parser.add_argument("--version", action="version", version=f"posttrain {_version()}")
@@ -449,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.set_defaults(func=cmd_gc)
     rep = sub.add_parser("reproduce", help="rerun a past pipeline run from what MLflow holds and compare")
     rep.add_argument("run_id", help="the MLflow run id of the pipeline (parent) run")
-    rep.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the state folder's)")
+    _tracking_uri_option(rep)
     rep.add_argument("--summary-json", metavar="PATH", help="write the reproduction's run summary as JSON")
     rep.add_argument("--allow-code-change", action="store_true",
                      help="rerun even if the source or library versions differ from the recorded ones")
@@ -463,12 +475,12 @@ def main(argv: list[str] | None = None) -> int:
     pro = sub.add_parser("promote", help="make the model a past run registered the champion, by hand")
     pro.add_argument("run_id", help="the MLflow run id of the pipeline (parent) run")
     pro.add_argument("--stage", help="the stage whose registered model to promote (default: the run's promote stage)")
-    pro.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the state folder's)")
+    _tracking_uri_option(pro)
     pro.set_defaults(func=cmd_promote)
     cmp = sub.add_parser("compare", help="what differs between two pipeline runs: settings, code, data, metrics")
     cmp.add_argument("run_a", help="the MLflow run id of a pipeline (parent) run")
     cmp.add_argument("run_b", help="the MLflow run id of another pipeline run; deltas are B - A")
-    cmp.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the state folder's)")
+    _tracking_uri_option(cmp)
     cmp.add_argument("--json", metavar="PATH", help="write the comparison as JSON instead of printing tables")
     cmp.add_argument("--all-metrics", action="store_true", help="list every metric, not only those that differ")
     cmp.set_defaults(func=cmd_compare)

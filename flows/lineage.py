@@ -18,16 +18,21 @@ from tasks.store import state_home
 SOURCE_DIR = Path(__file__).resolve().parent.parent
 
 
+def _git(*args: str) -> str | None:
+    """A git command's output in the source tree; None outside a git checkout (or without git)."""
+    try:
+        done = subprocess.run(["git", *args], cwd=SOURCE_DIR, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
 def git_commit() -> tuple[str, bool]:
     """(commit, dirty) of the source tree, or ('unknown', False) outside a git checkout."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=SOURCE_DIR, capture_output=True, text=True,
-                                check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=SOURCE_DIR,
-                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
-        return commit, dirty
-    except (OSError, subprocess.SubprocessError):
+    commit = _git("rev-parse", "HEAD")
+    if commit is None:
         return "unknown", False
+    return commit, bool(_git("status", "--porcelain", "--untracked-files=no"))
 
 
 def source_digest() -> str:
@@ -57,45 +62,41 @@ def _artifact_location(tracking_uri: str) -> str | None:
 def source_tags(commit: str, source: str) -> dict[str, str]:
     """MLflow's own source fields (the UI's Source and Version columns): the recipe, the commit and, in a git
     checkout with a remote, its URL and branch."""
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=SOURCE_DIR, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
     tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": source, "mlflow.source.git.commit": commit}
     if commit != "unknown":
-        if remote := git("remote", "get-url", "origin"):
+        if remote := _git("remote", "get-url", "origin"):
             tags["mlflow.source.git.repoURL"] = tracking.strip_credentials(remote)
-        if (branch := git("rev-parse", "--abbrev-ref", "HEAD")) and branch != "HEAD":
+        if (branch := _git("rev-parse", "--abbrev-ref", "HEAD")) and branch != "HEAD":
             tags["mlflow.source.git.branch"] = branch
     return tags
 
 
-def run_name(recipe: str, overrides: list[str] | None, flow_run_id: str) -> str:
+def run_name(recipe: str, overrides: str, flow_run_id: str) -> str:
     """A parent run's name that is unique and says what differs: recipe, start time, overrides."""
     import time
     import uuid
 
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     suffix = (flow_run_id or uuid.uuid4().hex)[:6]
-    said = " ".join(tracking.redact(o) for o in overrides or [])
-    return " · ".join(part for part in (recipe, stamp, said[:150], suffix) if part)
+    return " · ".join(part for part in (recipe, stamp, overrides[:150], suffix) if part)
 
 
-def open_pipeline_run(cfg: PipelineConfig, extra_tags: dict[str, str] | None = None, source: str = "",
-                      overrides: list[str] | None = None) -> dict:
-    """Create the parent run (params, resolved config, versions, commit) and return the stages' RunEnv."""
+def recipe_tags(recipe: str, overrides: list[str] | None) -> dict[str, str]:
+    """The tags naming the recipe file and the overrides a run started from (its Source and its name)."""
+    return {"posttrain.recipe": recipe, "posttrain.overrides": tracking.redact(" ".join(overrides or []))}
+
+
+def open_pipeline_run(cfg: PipelineConfig, extra_tags: dict[str, str] | None = None) -> dict:
+    """Create the parent run (params, resolved config, versions, commit) and return the stages' RunEnv.
+    `extra_tags` may name the recipe file and overrides (recipe_tags)."""
     uri = cfg.tracking.uri
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment, _artifact_location(uri))
     from tasks import hardware
 
     commit, dirty = git_commit()
     said = extra_tags or {}
-    source = source or said.get("posttrain.recipe") or (sys.argv[0] if sys.argv and sys.argv[0] else cfg.name)
-    overrides = overrides or said.get("posttrain.overrides", "").split()
-    sources = source_tags(commit, source)
+    sources = source_tags(commit, said.get("posttrain.recipe") or (sys.argv[0] if sys.argv and sys.argv[0]
+                                                                   else cfg.name))
     machine = hardware.describe()
     versions = {**library_versions(), "python": platform.python_version(),
                 **{name: _version(name) for name in ("prefect", "mlflow", "posttrain")}}
@@ -110,7 +111,8 @@ def open_pipeline_run(cfg: PipelineConfig, extra_tags: dict[str, str] | None = N
         **hardware.as_tags(machine),
         **(extra_tags or {}),
     }
-    run_id = tracking.start_run(uri, experiment_id, run_name(cfg.name, overrides, _flow_run_id()), tags)
+    run_id = tracking.start_run(uri, experiment_id, run_name(cfg.name, said.get("posttrain.overrides", ""),
+                                                             _flow_run_id()), tags)
     resolved = tracking.redact(cfg.model_dump(mode="json"))
     tracking.log_params(uri, run_id, tracking.flatten(resolved))
     tracking.log_text(uri, run_id, yaml.safe_dump(resolved, sort_keys=False), "config/resolved.yaml")

@@ -17,7 +17,8 @@ from prefect import flow, get_run_logger
 
 from flows.config import PipelineConfig, load_config, validate_recipe
 from flows.graph import Node, build_nodes, downstream_of, node_names, with_upstream
-from flows.lineage import close_pipeline_run, open_pipeline_run
+from flows.lineage import close_pipeline_run, open_pipeline_run, recipe_tags
+from tasks.kinds import MODEL_OUTPUTS
 from tasks.stage import cache_key_for, record_cached_stage, stage_task, store_area
 from tasks.store import ArtifactStore, Ref
 
@@ -145,7 +146,7 @@ class _Runner:
             "seconds": round(seconds, 3),
             "metrics": result["metrics"],
         })
-        if node.kind.output in ("policy", "reward"):
+        if node.kind.output in MODEL_OUTPUTS:
             self.outcomes[-1]["registered_model"] = self._register(node, result, run_id, params["inputs"])
         return result["output"]
 
@@ -328,7 +329,8 @@ def post_training_pipeline(
     needed = with_upstream(nodes, chosen)
     nodes = [n for n in nodes if n.name in needed]
     refreshed = set().union(*(node_names(nodes, name) for name in refresh or []))
-    env = open_pipeline_run(cfg, run_tags, recipe if config is None else "", overrides)
+    said = recipe_tags(recipe, overrides) if config is None else {}
+    env = open_pipeline_run(cfg, {**said, **(run_tags or {})})
     runner = _Runner(cfg, env, chosen, refreshed)
     pools = cfg.orchestration.stage_pools
     error: BaseException | None = None

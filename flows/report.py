@@ -13,7 +13,12 @@ from tasks import tracking
 COLUMNS = ("task_accuracy", "task_accuracy_delta_vs_*", "mean_reward", "judge_score", "win_rate_vs_*", "kl_to_*",
            "response_tokens")
 CURVES = ("train/loss", "eval/loss", "train/reward")  # what a training stage's panel shows, where it logged it
-NOT_TRAINING = ("prepare_data", "evaluate", "promote")
+
+
+def with_interval(metrics: dict[str, float], key: str) -> str:
+    """'0.620 [0.540, 0.700]': a number and its bootstrap interval, where the evaluation gave one."""
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    return f"{metrics[key]:.3f}" + ("" if low is None else f" [{low:.3f}, {high:.3f}]")
 
 
 def comparison_rows(metrics: dict[str, float]) -> list[dict[str, str]]:
@@ -27,8 +32,7 @@ def comparison_rows(metrics: dict[str, float]) -> list[dict[str, str]]:
                 metric = key[len(model) + 1:]
                 if "/" in metric or metric.endswith(("_ci_low", "_ci_high")) or not fnmatch.fnmatchcase(metric, column):
                     continue
-                low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
-                row[metric] = f"{metrics[key]:.3f}" + ("" if low is None else f" [{low:.3f}, {high:.3f}]")
+                row[metric] = with_interval(metrics, key)
         rows.append(row)
     return rows
 
@@ -48,10 +52,13 @@ def _origin_run(client, run_id: str):
 
 
 def training_curves(tracking_uri: str, stages: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    from tasks.kinds import MODEL_OUTPUTS, kinds
+
     client = tracking.client(tracking_uri)
     curves = {}
     for stage in stages:
-        if stage.get("kind") in NOT_TRAINING or not stage.get("mlflow_run_id"):
+        kind = kinds().get(stage.get("kind", ""))
+        if kind is None or kind.output not in MODEL_OUTPUTS or not stage.get("mlflow_run_id"):
             continue
         run = _origin_run(client, stage["mlflow_run_id"])
         found = {}
@@ -87,10 +94,8 @@ def decisions(tracking_uri: str, stages: list[dict]) -> list[str]:
 
 def ranking(metrics: dict[str, float], metric: str = "task_accuracy") -> str:
     """The models by the primary metric, best first, each with its interval: the comparison in one line."""
-    rows = [(k.split("/")[0], v) for k, v in metrics.items() if k.endswith(f"/{metric}") and k.count("/") == 1]
-    shown = [f"{model} {value:.3f} [{metrics.get(f'{model}/{metric}_ci_low', value):.3f}, "
-             f"{metrics.get(f'{model}/{metric}_ci_high', value):.3f}]"
-             for model, value in sorted(rows, key=lambda r: -r[1])]
+    keys = sorted((k for k in metrics if k.endswith(f"/{metric}") and k.count("/") == 1), key=lambda k: -metrics[k])
+    shown = [f"{key.split('/')[0]} {with_interval(metrics, key)}" for key in keys]
     return f"**{metric}**: " + " > ".join(shown) if shown else ""
 
 

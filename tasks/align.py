@@ -73,9 +73,9 @@ def run_alignment(train_function, cfg: AlignmentSettings, inputs: dict, out: Pat
     the pairs it made, if any)."""
     from tasks import tracking
     from tasks.launch import run_training
-    from tasks.sft import log_training_split
+    from tasks.sft import log_data_split
 
-    log_training_split(ctx, inputs["data"], data_kind)
+    log_data_split(ctx, inputs["data"], data_kind)
     metrics = run_training(train_function, cfg.training, cfg, inputs, out, ctx)
     tracking.log_model_folder(ctx.env, ctx.run_id, out, "policy")
     if ctx.run_id and (out / PAIRS_FILE).exists():

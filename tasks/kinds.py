@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 ValueType = Literal["data", "policy", "reward", "report"]
+MODEL_OUTPUTS = ("policy", "reward")  # the outputs of the stages that train a model (registered as versions)
 VALUE_TYPES: dict[str, str] = {
     "data": "prepared data sets (a prepare_data output)",
     "policy": "a causal language model (AutoModelForCausalLM)",

@@ -78,9 +78,9 @@ def _train(cfg: RewardStageConfig, inputs: dict, out: Path, ctx) -> dict[str, fl
 
 def _work(cfg: RewardStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
     from tasks.launch import run_training
-    from tasks.sft import log_training_split
+    from tasks.sft import log_data_split
 
-    log_training_split(ctx, inputs["data"], "preference")
+    log_data_split(ctx, inputs["data"], "preference")
     return run_training(_train, cfg.training, cfg, inputs, out, ctx)
 
 

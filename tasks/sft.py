@@ -107,11 +107,11 @@ def _train(cfg: SFTStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float
 def _work(cfg: SFTStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
     from tasks.launch import run_training
 
-    log_training_split(ctx, inputs["data"], "sft")
+    log_data_split(ctx, inputs["data"], "sft")
     return run_training(_train, cfg.training, cfg, inputs, out, ctx)
 
 
-def log_training_split(ctx, data: Path, kind: str, split: str = "train", context: str = "training") -> None:
+def log_data_split(ctx, data: Path, kind: str, split: str = "train", context: str = "training") -> None:
     """Record the split a stage reads (trains on, or evaluates on) as an MLflow dataset input of its run."""
     import json
 

@@ -158,8 +158,9 @@ def peft_config(lora: LoraSettings, task_type: str = "CAUSAL_LM"):
 
 
 def curve_name(key: str) -> str:
-    """A transformers/TRL log key as the stage run's curve: train/<key> (train_loss -> train/loss at the end),
-    eval/<key> for eval_<key>, so a stage logs each quantity under one name (no eval_loss beside eval/loss)."""
+    """A transformers/TRL log key as the stage run's curve: train/<key> (loss -> train/loss; the closing
+    train_loss, a mean over the run, -> train/mean_loss), eval/<key> for eval_<key>, so a stage logs each
+    quantity under one name (no eval_loss beside eval/loss)."""
     if key == "train_loss":  # the trainer's closing line: the mean loss over the run, not a step's
         return "train/mean_loss"
     for prefix in ("train", "eval"):
