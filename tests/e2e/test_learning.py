@@ -54,3 +54,4 @@ def test_the_dpo_policy_passes_the_gate_and_becomes_the_champion(demo):
     assert dpo["promote/promote/champion"] == 1.0
     assert dpo["eval/policy/task_accuracy_delta_vs_sft_ci_low"] > 0
     assert rlhf["promote/promote/champion"] in (0.0, 1.0)
+    assert rlhf["promote/promote/version"] == dpo["promote/promote/version"] + 1  # a new version of demo-policy

@@ -168,3 +168,15 @@ def test_an_endpoint_judges_every_pair_of_models_for_the_win_rate_matrix(server_
     assert judged["right/win_rate_vs_half"] == [0.5, 1.0] and judged["half/win_rate_vs_wrong"] == [1.0, 0.5]
     asked = server.stats()
     assert asked["requests"] == len(set(asked["prompts"])) <= 2 * len(pairs) * len(Q)  # a repeated ask is cached
+
+
+def test_a_rule_judge_scores_each_models_replies_once():
+    """evaluate's judge_score and, from those scores, the pairwise verdicts of a scoring judge."""
+    from tasks.evaluate import win_rates
+
+    judge = build_judge(JudgeSettings(backend="rule", function="tasks.synthetic:arithmetic_reward"))
+    answers = {"right": ["12", "5"], "wrong": ["2", "6"], "half": ["12", "6"]}
+    scores = judge.scores_of(Q, answers)
+    assert scores == {"right": [1.0, 1.0], "wrong": [0.0, 0.0], "half": [1.0, 0.0]}
+    judged = win_rates(Q, answers, [("right", "half"), ("wrong", "half")], scores)
+    assert judged["right/win_rate_vs_half"] == [0.5, 1.0] and judged["half/win_rate_vs_wrong"] == [1.0, 0.5]
