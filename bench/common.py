@@ -27,14 +27,16 @@ def timed(cmd: list[str], env: dict, log: Path) -> float:
 
 
 def posttrain_run(home: Path, name: str, *overrides: str, env: dict | None = None,
-                  config: str | None = None) -> tuple[float, dict]:
-    """`posttrain run --set ...` (the demo recipe, or `config`) in state folder `home`: (wall seconds, summary)."""
+                  config: str | None = None, extra: list[str] | None = None) -> tuple[float, dict]:
+    """`posttrain run --set ...` (the demo recipe, or `config`; `extra`: more arguments such as --only) in state
+    folder `home`: (wall seconds, summary)."""
     summary = home / f"{name}.json"
     cmd = [sys.executable, "-m", "flows.cli", "run", "--summary-json", str(summary)]
     if config:
         cmd += ["--config", config]
     for item in overrides:
         cmd += ["--set", item]
+    cmd += extra or []
     wall = timed(cmd, {**ENV, **(env or {}), "POSTTRAIN_HOME": str(home)}, home / f"{name}.log")
     return wall, json.loads(summary.read_text())
 

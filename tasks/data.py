@@ -622,7 +622,9 @@ def load_split(data_dir: Path, kind: str, split: str, keep_tags: bool = False):
             datasets.utils.enable_progress_bars()
     if len(ds) == 0:
         return None
-    return ds.remove_columns([c for c in BOOKKEEPING if c in ds.column_names and not (keep_tags and c == "task")])
+    dropped = [c for c in BOOKKEEPING + ("provenance",)  # provenance: a synthesize stage's per-row record
+               if c in ds.column_names and not (keep_tags and c == "task")]
+    return ds.remove_columns(dropped)
 
 
 # ---- stage kind ------------------------------------------------------------------------------

@@ -53,6 +53,10 @@ class EvaluateConfig(Section):
     figures: bool = Field(True, description="Draw the comparison, win-rate matrix and reward-distribution figures.")
     harness: HarnessSettings | None = Field(None, description="Also run lm-evaluation-harness tasks (Hub tasks, or "
                                             "custom local ones) on the models: <model>/harness/<task>/<metric>.")
+    prompt: str | None = Field(None, description="A prompt template every model is asked through: a registered "
+                               "prompt (prompts:/name/version, prompts:/name@alias, e.g. a prompt_search winner) or "
+                               "an inline {{question}} template (tasks/prompts.py). Rewards and judges see the "
+                               "plain question.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights' dtype for generation and scoring: 'auto' = bfloat16 on a GPU that supports "
         "it, float32 otherwise.",
@@ -101,10 +105,14 @@ def bootstrap_intervals(per_prompt: dict[str, list[float]], samples: int, confid
 
 
 def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], reward: Path | str | None, out: Path,
-             seed: int, trust_remote_code: bool = False, judge=None) -> dict[str, float]:
+             seed: int, trust_remote_code: bool = False, judge=None, template: list[dict] | None = None
+             ) -> dict[str, float]:
     """Generate with each of `models` on data/eval/test.jsonl and score them. One policy is on the device at
     a time (plus the reward model); each compared policy's samples are scored under the reference at the end.
-    `judge` (tasks/judges.Judge) gives the pairwise verdicts of the win-rate matrix; default: the reward model."""
+    `judge` (tasks/judges.Judge) gives the pairwise verdicts of the win-rate matrix; default: the reward model.
+    `template` (tasks/prompts.py) wraps each question the models are asked; rewards and judges see the question."""
+    from tasks.prompts import wrap
+
     from tasks.data import load_split
     from tasks.generation import generate, reply_logprobs, reward_scores
     from tasks.modeling import free, load_causal_lm, load_reward_model, load_tokenizer
@@ -134,11 +142,12 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
         harness = Harness(cfg.harness, list(models), out, seed)
     answers, rewards, metrics, samples = {}, {}, {}, {}
     series: dict[str, list[float]] = {}  # per-prompt values of the headline numbers, for their intervals
-    many = [p for p in prompts for _ in range(cfg.kl_samples)]
+    asked = [wrap(template, p) for p in prompts] if template else prompts
+    many = [p for p in asked for _ in range(cfg.kl_samples)]
     for name, source in models.items():
         tokenizer = load_tokenizer(source, trust_remote_code)
         model = load_causal_lm(source, trust_remote_code, cfg.dtype, on_device=True)
-        answers[name] = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, seed=seed)
+        answers[name] = generate(model, tokenizer, asked, cfg.max_new_tokens, cfg.batch_size, seed=seed)
         correct = [None if r is None else answer_matches(a, r) for a, r in zip(answers[name], references)]
         if reward is not None:
             rewards[name] = reward_scores(rm, rm_tokenizer, prompts, answers[name], cfg.batch_size)
@@ -263,19 +272,16 @@ def sample_table(out: Path, rows: int) -> list[dict]:
 
 def _work(cfg: EvaluateConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
     from tasks import tracking
-    from tasks.judges import build_judge, judge_prompts
+    from tasks.judges import stage_judge
+    from tasks.prompts import template_of
     from tasks.sft import log_data_split
 
     # every input but the named slots (data, reward, judge) and source inputs (judge.prompt.*, harness.tasks)
     models = {name: source for name, source in inputs.items() if name not in KIND.inputs and "." not in name}
-    judge = None
-    if cfg.judge is not None:
-        judge = build_judge(cfg.judge, judge_prompts(inputs, "judge"), inputs.get("reward"), inputs.get("judge"),
-                            ctx.env.tracking_uri if ctx.env else None, ctx.trust_remote_code,
-                            judge_digest=ctx.refs.get("judge", {}).get("digest"))
+    judge = stage_judge(cfg.judge, inputs, ctx)
     try:
         metrics = evaluate(cfg, inputs["data"], models, inputs.get("reward"), out, ctx.seed, ctx.trust_remote_code,
-                           judge)
+                           judge, template_of(inputs))
     finally:
         if judge is not None:
             judge.close()
@@ -288,12 +294,14 @@ def _work(cfg: EvaluateConfig, inputs: dict, out: Path, ctx) -> dict[str, float]
 
 
 def evaluation_sources(cfg: EvaluateConfig, tracking_uri: str | None = None) -> dict[str, dict]:
-    """The judge's prompt versions (or rule source) and the custom harness tasks, as stage inputs."""
+    """The judge's prompt versions (or rule source), the custom harness tasks and the prompt template, as stage
+    inputs."""
     from tasks.harness import harness_sources
     from tasks.judges import judge_sources as sources
+    from tasks.prompts import prompt_source
 
     judged = sources(cfg.judge, ("compare",), "judge", tracking_uri) if cfg.judge is not None else {}
-    return {**judged, **harness_sources(cfg.harness)}
+    return {**judged, **harness_sources(cfg.harness), **prompt_source(cfg.prompt, tracking_uri)}
 
 
 def _publish_samples(rows: list[dict], models: list[str]) -> None:

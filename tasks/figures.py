@@ -124,6 +124,27 @@ def training_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], out: 
     return save(fig, out / "training_curves.png", data)
 
 
+def sample_efficiency(curves: dict[str, dict[str, list[tuple[int, float, float, float]]]], out: Path,
+                      title: str = "Feedback elicitation") -> Path | None:
+    """A panel per quality measure against the number of queries: a line per selection rule (its mean over
+    seeds) with the band from the lowest to the highest seed. curves[measure][rule] = [(queries, mean, lo, hi)]."""
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.8), squeeze=False)
+    for ax, (measure, rules) in zip(axes[0], curves.items()):
+        for i, (rule, points) in enumerate(rules.items()):
+            xs, mean, lo, hi = zip(*points)
+            ax.plot(xs, mean, marker="o", markersize=3, color=f"C{i}", label=rule)
+            ax.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.15)
+        ax.set_xlabel("queries (preference labels asked for)")
+        ax.set_title(measure.replace("_", " "))
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{title} (lines: mean over seeds; bands: lowest to highest seed)")
+    fig.tight_layout()
+    return save(fig, out / "sample_efficiency.png", {"curves": curves})
+
+
 def read_data(path: Path) -> dict:
     """The data a figure written by save() plots, from its PNG text chunk."""
     from PIL import Image

@@ -56,17 +56,27 @@ DEFAULT_PROMPTS: dict[tuple[str, str], str] = {
 }
 
 
-class JudgeSettings(Section):
-    backend: Literal["reward_model", "rule", "hf_model", "endpoint"] = Field(
-        description="reward_model: the stage's `reward` input; rule: `function`; hf_model: the stage's `judge` input "
-        "(a stage or a model reference: a causal LM); endpoint: an OpenAI-compatible chat API (`url`, `model`).")
-    function: str | None = Field(None, description="rule: `module:function` in TRL's reward-function form "
-                                 "f(prompts, completions, **columns) -> list[float]; its source is in the cache key.")
+class EndpointSettings(Section):
+    """How to reach an OpenAI-compatible chat API (a judge's, a teacher's)."""
+
     model: str | None = Field(None, description="endpoint: the model name sent with each request.")
     url: str | None = Field(None, description="endpoint: base URL of the API, e.g. http://127.0.0.1:8000/v1 "
                             "(requests go to <url>/chat/completions).")
     api_key_env: str = Field("OPENAI_API_KEY", description="endpoint: the environment variable holding the API key "
                              "(read at run time; the key itself is never in a recipe, log or cache key).")
+    concurrency: int = Field(8, ge=1, description="endpoint: requests in flight at once.")
+    timeout_seconds: float = Field(60.0, gt=0, description="endpoint: seconds before one request is given up.")
+    retries: int = Field(3, ge=0, description="endpoint: retries of a request that timed out or got a 429/5xx.")
+    retry_backoff_seconds: float = Field(1.0, ge=0, description="endpoint: wait before the first retry; doubles "
+                                         "with each further one (at most 30 s).")
+
+
+class JudgeSettings(EndpointSettings):
+    backend: Literal["reward_model", "rule", "hf_model", "endpoint"] = Field(
+        description="reward_model: the stage's `reward` input; rule: `function`; hf_model: the stage's `judge` input "
+        "(a stage or a model reference: a causal LM); endpoint: an OpenAI-compatible chat API (`url`, `model`).")
+    function: str | None = Field(None, description="rule: `module:function` in TRL's reward-function form "
+                                 "f(prompts, completions, **columns) -> list[float]; its source is in the cache key.")
     prompt: str | None = Field(None, description="The judge prompt: a {{question}}/{{answer}} (score) or "
                                "{{question}}/{{answer_a}}/{{answer_b}} (compare) template, or a registered prompt "
                                "`prompts:/<name>/<version>` or `prompts:/<name>@<alias>`. Default: a built-in prompt.")
@@ -74,11 +84,6 @@ class JudgeSettings(Section):
                              "MLflow prompt registry (suffixed with the back-end and mode).")
     both_orders: bool = Field(True, description="compare: ask with the replies in both orders and average, so a "
                               "judge's preference for the first (or second) position cancels out.")
-    concurrency: int = Field(8, ge=1, description="endpoint: requests in flight at once.")
-    timeout_seconds: float = Field(60.0, gt=0, description="endpoint: seconds before one request is given up.")
-    retries: int = Field(3, ge=0, description="endpoint: retries of a request that timed out or got a 429/5xx.")
-    retry_backoff_seconds: float = Field(1.0, ge=0, description="endpoint: wait before the first retry; doubles "
-                                         "with each further one (at most 30 s).")
     max_tokens: int = Field(8, ge=1, description="endpoint: longest verdict asked for.")
     batch_size: int = Field(32, ge=1, description="reward_model / hf_model: prompts per forward pass.")
     weight: float = Field(1.0, ge=0, description="As an RL reward (grpo/rloo `judges`): weight in the reward sum.")
@@ -426,20 +431,22 @@ class EndpointError(RuntimeError):
     pass
 
 
-class EndpointJudge(_PromptedJudge):
-    """An OpenAI-compatible chat endpoint as judge: POST <url>/chat/completions, temperature 0."""
+class ChatEndpoint:
+    """An OpenAI-compatible chat API: POST <url>/chat/completions, `concurrency` requests in flight, each with a
+    timeout and retries with back-off on timeouts, transport errors, 429 and 5xx. `role` names it in errors and
+    progress lines (a judge, a teacher)."""
 
-    def __init__(self, cfg: JudgeSettings, templates, cache):
-        identity = f"endpoint\x1f{cfg.url}\x1f{cfg.model}"
-        super().__init__(templates, identity, cache, cfg.both_orders)
-        self.cfg, self.name = cfg, str(cfg.model)
+    def __init__(self, cfg: EndpointSettings, role: str = "judge"):
+        self.cfg, self.role = cfg, role
         self.url = cfg.url.rstrip("/") + "/chat/completions"
 
     def _headers(self) -> dict:
         key = os.environ.get(self.cfg.api_key_env)
         return {"Authorization": f"Bearer {key}"} if key else {}
 
-    def _ask_many(self, mode, texts):
+    def complete_many(self, conversations: list[list[dict]], max_tokens: int, temperature: float = 0.0,
+                      parse=None, what: str = "replies") -> list:
+        """Each conversation's reply (through `parse`, when given), in order."""
         from concurrent.futures import ThreadPoolExecutor
 
         import httpx
@@ -448,23 +455,24 @@ class EndpointJudge(_PromptedJudge):
         lock = threading.Lock()
 
         with httpx.Client(timeout=self.cfg.timeout_seconds, headers=self._headers()) as http:
-            def ask(text: str) -> float:
-                verdict = parse_verdict(mode, self._request(http, text))
+            def ask(messages: list[dict]):
+                body = {"model": self.cfg.model, "messages": messages, "temperature": temperature,
+                        "max_tokens": max_tokens}
+                reply = self._request(http, body)
+                value = parse(reply) if parse else reply
                 with lock:
                     done[0] += 1
-                    if done[0] % 100 == 0 or done[0] == len(texts):
-                        logger.info("judge %s: %d/%d verdicts (%.0f s)", self.name, done[0], len(texts),
-                                    time.monotonic() - started)
-                return verdict
+                    if done[0] % 100 == 0 or done[0] == len(conversations):
+                        logger.info("%s %s: %d/%d %s (%.0f s)", self.role, self.cfg.model, done[0], len(conversations),
+                                    what, time.monotonic() - started)
+                return value
 
-            with ThreadPoolExecutor(max_workers=self.cfg.concurrency, thread_name_prefix="judge") as pool:
-                return list(pool.map(ask, texts))
+            with ThreadPoolExecutor(max_workers=self.cfg.concurrency, thread_name_prefix=self.role) as pool:
+                return list(pool.map(ask, conversations))
 
-    def _request(self, http, text: str) -> str:
+    def _request(self, http, body: dict) -> str:
         import httpx
 
-        body = {"model": self.cfg.model, "messages": [{"role": "user", "content": text}], "temperature": 0,
-                "max_tokens": self.cfg.max_tokens}
         problem = ""
         for attempt in range(self.cfg.retries + 1):
             if attempt:
@@ -481,13 +489,28 @@ class EndpointJudge(_PromptedJudge):
                 problem = f"HTTP {response.status_code}"
                 continue
             if response.status_code >= 400:  # a bad model name, a bad key: asking again will not help
-                raise EndpointError(f"judge endpoint {self.url}: HTTP {response.status_code}: {response.text[:300]}")
+                raise EndpointError(f"{self.role} endpoint {self.url}: HTTP {response.status_code}: "
+                                    f"{response.text[:300]}")
             try:
                 return response.json()["choices"][0]["message"]["content"] or ""
             except (ValueError, KeyError, IndexError, TypeError):
-                raise EndpointError(f"judge endpoint {self.url}: not an OpenAI chat completion: "
+                raise EndpointError(f"{self.role} endpoint {self.url}: not an OpenAI chat completion: "
                                     f"{response.text[:300]}") from None
-        raise EndpointError(f"judge endpoint {self.url}: {problem} after {self.cfg.retries + 1} attempts")
+        raise EndpointError(f"{self.role} endpoint {self.url}: {problem} after {self.cfg.retries + 1} attempts")
+
+
+class EndpointJudge(_PromptedJudge):
+    """An OpenAI-compatible chat endpoint as judge, asked at temperature 0."""
+
+    def __init__(self, cfg: JudgeSettings, templates, cache):
+        identity = f"endpoint\x1f{cfg.url}\x1f{cfg.model}"
+        super().__init__(templates, identity, cache, cfg.both_orders)
+        self.cfg, self.name = cfg, str(cfg.model)
+        self.endpoint = ChatEndpoint(cfg, "judge")
+
+    def _ask_many(self, mode, texts):
+        return self.endpoint.complete_many([[{"role": "user", "content": t}] for t in texts], self.cfg.max_tokens,
+                                           parse=lambda reply: parse_verdict(mode, reply), what="verdicts")
 
 
 def parse_verdict(mode: Mode, reply: str) -> float:
@@ -525,3 +548,22 @@ def build_judge(cfg: JudgeSettings, prompts: dict[str, dict] | None = None, rewa
         judge = EndpointJudge(cfg, templates, cache)
     judge.identity += "\x1f" + versions
     return judge
+
+
+def stage_judge(cfg: JudgeSettings | None, inputs: dict, ctx, prefix: str = "judge") -> Judge | None:
+    """The judge a stage's settings name, built from the stage's inputs: its prompt versions (`<prefix>.prompt.*`),
+    its `reward` or `judge` model. None when `cfg` is None."""
+    if cfg is None:
+        return None
+    return build_judge(cfg, judge_prompts(inputs, prefix), inputs.get("reward"), inputs.get("judge"),
+                       ctx.env.tracking_uri if ctx.env else None, ctx.trust_remote_code,
+                       judge_digest=ctx.refs.get("judge", {}).get("digest"))
+
+
+def judge_slots(who: str = "judge") -> dict:
+    """The optional inputs a stage's judge may read (its reward model, its local judge model)."""
+    from tasks.kinds import Slot
+
+    return {"reward": Slot("reward", f"the reward model, for a {who} of backend reward_model", required=False),
+            "judge": Slot("policy", f"the model a {who} of backend hf_model asks", required=False)}
+

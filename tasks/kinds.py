@@ -35,6 +35,9 @@ KIND_MODULES = (
     "tasks.rloo",
     "tasks.spin",
     "tasks.online_dpo",
+    "tasks.elicit",
+    "tasks.synthesize",
+    "tasks.prompt_search",
     "tasks.evaluate",
     "tasks.promote",
 )
@@ -72,6 +75,8 @@ class StageKind:
     # The external inputs a stage reads directly from its config (prepare_data's sources, a judge's prompt
     # version), as refs: source_inputs(config, tracking_uri).
     source_inputs: Callable[[Any, str | None], dict[str, dict]] | None = None
+    # The metric whose value is the MLflow step of the stage's summary metrics: where its curves end.
+    step: str = "train/steps"
 
     @property
     def module(self) -> str:

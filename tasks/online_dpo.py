@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 
 from tasks.align import keep_pairs, round_prompts, run_alignment, train_policy
 from tasks.dpo import DPOStageConfig, dpo_trainer
-from tasks.judges import JudgeSettings, missing_judge_input
+from tasks.judges import JudgeSettings, judge_slots, missing_judge_input
 from tasks.kinds import Slot, StageKind
 from tasks.training import stage_training
 
@@ -98,14 +98,12 @@ def _add(rows: dict, prompt, chosen: str, rejected: str) -> None:
 
 
 def _train(cfg: OnlineDPOStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
-    from tasks.judges import build_judge, judge_prompts
+    from tasks.judges import stage_judge
 
     counts: dict[str, float] = {}
 
     def prepare(train, model, tokenizer):
-        judge = build_judge(cfg.judge, judge_prompts(inputs, "judge"), inputs.get("reward"), inputs.get("judge"),
-                            ctx.env.tracking_uri if ctx.env else None, ctx.trust_remote_code,
-                            judge_digest=ctx.refs.get("judge", {}).get("digest"))
+        judge = stage_judge(cfg.judge, inputs, ctx)
         pairs, made, records = judged_pairs(cfg, train, model, tokenizer, judge, ctx.seed, ctx.round)
         counts.update(made)
         keep_pairs(out, records)
@@ -134,8 +132,7 @@ KIND = StageKind(
     inputs={
         "data": Slot("data", "prepared data whose preference prompts are sampled", data=("preference",)),
         "policy": Slot("policy", "the policy the round starts from, also its reference"),
-        "reward": Slot("reward", "the reward model, for judge backend reward_model", required=False),
-        "judge": Slot("policy", "the model an hf_model judge asks", required=False),
+        **judge_slots(),
     },
     output="policy",
     work=_work,

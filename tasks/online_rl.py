@@ -70,7 +70,7 @@ ONLINE_RL_INPUTS = {
 
 def reward_functions(cfg: OnlineRLSettings, inputs: dict, ctx) -> tuple[list, list[float], list]:
     """(reward_funcs, reward_weights, reward_processing_classes) for a TRL online trainer."""
-    from tasks.judges import build_judge, judge_prompts
+    from tasks.judges import stage_judge
     from tasks.modeling import load_reward_model, load_tokenizer
 
     funcs, weights, tokenizers = [], [], []
@@ -83,9 +83,7 @@ def reward_functions(cfg: OnlineRLSettings, inputs: dict, ctx) -> tuple[list, li
         tokenizers.append(None)
         weights.append(verifier.weight)
     for index, judge_cfg in enumerate(cfg.judges):
-        judge = build_judge(judge_cfg, judge_prompts(inputs, f"judge.{index}"), inputs.get("reward"), inputs.get("judge"),
-                            ctx.env.tracking_uri if ctx.env else None, ctx.trust_remote_code,
-                            judge_digest=ctx.refs.get("judge", {}).get("digest"))
+        judge = stage_judge(judge_cfg, inputs, ctx, f"judge.{index}")
         funcs.append(judge.as_reward_function())
         tokenizers.append(None)
         weights.append(judge_cfg.weight)

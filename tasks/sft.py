@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from tasks.kinds import Slot, StageKind
+from tasks.prompts import prompt_source
 from tasks.training import Section, stage_training
 
 SFTTraining = stage_training("SFTTraining", "TRL SFTConfig (lr 2e-5, max_length 1024, batch 8), one epoch as in the "
@@ -32,6 +33,9 @@ class SFTStageConfig(Section):
         "{% generation %} markers; TRL supplies them for the common model families.")
     prompt_tuning: PromptTuningSettings = Field(default_factory=PromptTuningSettings,
                                                 description="Soft-prompt tuning instead of full or LoRA fine-tuning.")
+    prompt: str | None = Field(None, description="A prompt template every training prompt is formatted with: a "
+                               "registered prompt (prompts:/name/version, prompts:/name@alias, e.g. a prompt_search "
+                               "winner) or an inline {{question}} template (tasks/prompts.py).")
 
     @model_validator(mode="after")
     def _one_peft_method(self) -> "SFTStageConfig":
@@ -41,15 +45,16 @@ class SFTStageConfig(Section):
 
 
 def train_sft(cfg: SFTStageConfig, data: Path, base: Path, out: Path, seed: int, callbacks=(),
-              trust_remote_code: bool = False, checkpoints=None, base_ref: dict | None = None) -> dict[str, float]:
+              trust_remote_code: bool = False, checkpoints=None, base_ref: dict | None = None,
+              template: list[dict] | None = None) -> dict[str, float]:
     """Fine-tune the model at `base` on the prepared sft split; save the model (or the adapter) to `out`."""
     from tasks.data import load_split
     from tasks.modeling import save_model
     from tasks.training import final_train_metrics, train_with_checkpoints
 
-    held_out = load_split(data, "sft", "eval")
+    held_out = formatted(load_split(data, "sft", "eval"), template)
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = sft_trainer(cfg, data, base, Path(scratch), seed, callbacks, trust_remote_code)
+        trainer = sft_trainer(cfg, data, base, Path(scratch), seed, callbacks, trust_remote_code, template)
         tokenizer = trainer.processing_class
         resumed = train_with_checkpoints(trainer, checkpoints)
         metrics = {**final_train_metrics(trainer), **resumed}
@@ -59,8 +64,17 @@ def train_sft(cfg: SFTStageConfig, data: Path, base: Path, out: Path, seed: int,
     return metrics
 
 
+def formatted(rows, template: list[dict] | None):
+    """The rows with each prompt asked through the template (tasks/prompts.py)."""
+    if rows is None or not template:
+        return rows
+    from tasks.prompts import wrap
+
+    return rows.map(lambda row: {"prompt": wrap(template, row["prompt"])})
+
+
 def sft_trainer(cfg: SFTStageConfig, data: Path, base: Path, scratch: Path, seed: int, callbacks=(),
-                trust_remote_code: bool = False):
+                trust_remote_code: bool = False, template: list[dict] | None = None):
     """TRL's SFTTrainer on the prepared sft split, its examples tokenized and masked (not yet trained)."""
     import json
 
@@ -71,7 +85,7 @@ def sft_trainer(cfg: SFTStageConfig, data: Path, base: Path, scratch: Path, seed
     from tasks.training import peft_config, seed_everything, trainer_kwargs
 
     seed_everything(seed, cfg.training.deterministic_kernels)
-    train = load_split(data, "sft", "train")
+    train = formatted(load_split(data, "sft", "train"), template)
     if train is None:
         raise ValueError("sft: the prepared data has no sft/train split; set data.sft in the recipe")
     assistant_only = cfg.assistant_only_loss
@@ -100,8 +114,10 @@ def sft_trainer(cfg: SFTStageConfig, data: Path, base: Path, scratch: Path, seed
 
 
 def _train(cfg: SFTStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
+    from tasks.prompts import template_of
+
     return train_sft(cfg, inputs["data"], inputs["base"], out, ctx.seed, ctx.callbacks(), ctx.trust_remote_code,
-                     ctx.checkpoints(cfg.training), ctx.refs.get("base"))
+                     ctx.checkpoints(cfg.training), ctx.refs.get("base"), template_of(inputs))
 
 
 def _work(cfg: SFTStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
@@ -134,4 +150,5 @@ KIND = StageKind(
     output="policy",
     work=_work,
     headline=("train/final_loss", "eval/loss"),
+    source_inputs=lambda cfg, tracking_uri=None: prompt_source(cfg.prompt, tracking_uri),
 )

@@ -240,7 +240,7 @@ def execute_stage(kind: str, instance: str, config: dict, inputs: dict[str, dict
         seconds = time.monotonic() - started
         # at the last training step, so a summary number that is also a curve (eval/loss) is that curve's end
         tracking.log_metrics(run_env.tracking_uri, run_id, {**metrics, "stage/seconds": seconds},
-                             step=int(metrics.get("train/steps", 0)))
+                             step=int(metrics.get(stage_kind.step, 0)))
         tracking.set_tags(run_env.tracking_uri, run_id, {"posttrain.output_uri": output.uri,
                                                          "posttrain.output_digest": output.digest,
                                                          "posttrain.reused_output": existing is not None})
@@ -295,8 +295,10 @@ def record_cached_stage(result: dict, instance: str, env: dict, inputs: dict[str
             tracking.copy_dataset_inputs(run_env.tracking_uri, [result["mlflow_run_id"]], run_id)
         except Exception as e:  # noqa: BLE001 - the origin run may be gone (another store, deleted)
             logger.info("[%s] data sets of the cached run not copied: %s", instance, e)
+    from tasks.kinds import get
+
     tracking.log_metrics(run_env.tracking_uri, run_id, {**result["metrics"], "stage/seconds": 0.0},
-                         step=int(result["metrics"].get("train/steps", 0)))
+                         step=int(result["metrics"].get(get(result["kind"]).step, 0)))
     tracking.end_run(run_env.tracking_uri, run_id)
     return run_id
 

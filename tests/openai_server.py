@@ -7,7 +7,9 @@ It answers POST /v1/chat/completions by a deterministic rule, the demo's arithme
 (tasks.synthetic:arithmetic_reward), applied to the judge prompt it is sent: a score prompt ("Question: ..."
 and "Reply: ...") gets "10" for a right sum and "1" otherwise; a compare prompt ("Reply A: ..." and
 "Reply B: ...") gets the letter of the right reply, and "A" when both or neither are right (a judge with a
-position bias, as real ones have). --delay sleeps before answering (a slow server); --fail-first answers the
+position bias, as real ones have). Any other prompt is a request for text (a teacher's): one that names two
+numbers gets their sum, written by a teacher who drops the carry of a sum of 15 or more (so a verifier has
+something to catch); one without gets "Answer with the number only." (a system prompt, for prompt search). --delay sleeps before answering (a slow server); --fail-first answers the
 first N requests with --status (a failing one); --api-key refuses other keys with 401. GET /stats reports
 requests seen and the most in flight at once.
 """
@@ -35,6 +37,12 @@ def verdict(prompt: str, rule: str = "arithmetic") -> str:
             return "B" if len(pair.group(2).strip()) < len(pair.group(1).strip()) else "A"
         reply = re.search(r"Reply: (.*)$", prompt, re.S)
         return str(max(1, 10 - len(reply.group(1).strip()))) if reply else "1"
+    if "Reply" not in prompt:  # a teacher's request
+        numbers = [int(n) for n in re.findall(r"\d+", prompt)[:2]]
+        if len(numbers) < 2:
+            return "Answer with the number only."
+        total = sum(numbers)
+        return str(total - 10 if total >= 15 else total)
     question = re.search(r"Question: (.*?)\n\n", prompt, re.S)
     question = question.group(1) if question else ""
 
