@@ -50,20 +50,24 @@ def one_seed(work: Path, seed: int, rules: list[str], rounds: int) -> dict:
                  **{m: metrics[f"elicit.round{k}/elicit/{m}"] for m in MEASURES}} for k in range(1, rounds + 1)]
             print(f"seed {seed} {rule}: " + ", ".join(f"{m} {found['curves'][rule][-1][m]:.3f}" for m in MEASURES),
                   flush=True)
-        outputs = {s["name"]: s["output_uri"] for s in summary["stages"]}
-        found["ceiling"] = ceiling(outputs["data"], outputs["seed_reward"], seed)
+        found["outputs"] = {s["name"]: (s["output_uri"], s["output_digest"]) for s in summary["stages"]
+                            if s["name"] in ("data", "seed_reward")}
+        found["storage_root"] = summary["storage_root"]
     finally:
         stop_server(home)
     return found
 
 
-def ceiling(data: str, features_model: str, seed: int) -> float:
+def ceiling(found: dict, seed: int) -> float:
     """Held-out accuracy of the ensemble on the same frozen features when every careful-grader pair is a label:
     what the features can hold at most."""
-
     from flows.config import load_config
     from tasks.data import load_split
     from tasks.elicit import Ensemble, Features
+    from tasks.store import ArtifactStore, Ref
+
+    store = ArtifactStore(found["storage_root"])
+    data, features_model = (store.materialize(Ref(*found["outputs"][name])) for name in ("data", "seed_reward"))
 
     cfg = load_config(ROOT / "configs" / "elicit.yaml").stages["elicit"]
     features = Features(features_model, False, 256, True)
@@ -124,11 +128,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--parallel", type=int, default=2, help="seeds run at the same time")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "elicitation.json"))
+    parser.add_argument("--work", help="state folders to use (a rerun reuses every cached stage); default: a new one")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="posttrain-elicitation-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="posttrain-elicitation-"))
+    work.mkdir(parents=True, exist_ok=True)
     print(f"work folder: {work}", flush=True)
     with ThreadPoolExecutor(args.parallel) as pool:
         rows = list(pool.map(lambda s: one_seed(work, s, args.rules, args.rounds), args.seeds))
+    for row, seed in zip(rows, args.seeds):  # in this thread: transformers' lazy imports are not thread-safe
+        row["ceiling"] = ceiling(row, seed)
 
     curves = mean_curves(rows, args.rules)
     print()

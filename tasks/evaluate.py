@@ -24,6 +24,7 @@ from pydantic import Field, model_validator
 from tasks.harness import HarnessSettings
 from tasks.judges import JudgeSettings, missing_judge_input
 from tasks.kinds import Slot, StageKind
+from tasks.prompts import PROMPT_SLOT_HELP
 from tasks.training import Section
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -320,6 +321,7 @@ KIND = StageKind(
         "data": Slot("data", "prepared data with held-out eval prompts", data=("eval",)),
         "reward": Slot("reward", "the reward model that scores replies and judges win rates", required=False),
         "judge": Slot("policy", "the model an hf_model judge asks", required=False),
+        "prompt": Slot("prompt", PROMPT_SLOT_HELP, required=False),
     },
     more_inputs=Slot("policy", "a policy to evaluate (any other input name: base, sft, policy, ...)"),
     output="report",

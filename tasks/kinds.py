@@ -14,13 +14,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-ValueType = Literal["data", "policy", "reward", "report"]
+ValueType = Literal["data", "policy", "reward", "report", "prompt"]
 MODEL_OUTPUTS = ("policy", "reward")  # the outputs of the stages that train a model (registered as versions)
 VALUE_TYPES: dict[str, str] = {
     "data": "prepared data sets (a prepare_data output)",
     "policy": "a causal language model (AutoModelForCausalLM)",
     "reward": "a reward model (AutoModelForSequenceClassification, one label)",
     "report": "an evaluation (metrics and sample generations)",
+    "prompt": "a chosen prompt template (a prompt_search output, registered in the MLflow prompt registry)",
 }
 
 # One module per kind, one method per module (as TRL keeps one trainer per file).

@@ -9,7 +9,8 @@ model, an endpoint), with a seeded bootstrap interval.
 
 Every text candidate becomes a version of one prompt in the MLflow prompt registry (`registry_name`, default
 `<recipe>-<instance>`), tagged with its score and interval; the best one gets the alias (`best` by default), so
-`prompts:/<name>@best` is the winner for `sft.prompt`, `evaluate.prompt` and judge prompts downstream. Any further
+`prompts:/<name>@best` is the winner for `sft.prompt`, `evaluate.prompt` and judge prompts of later runs; in the
+same run, an sft or evaluate stage takes the winner as its `prompt` input (the search stage's name). Any further
 policy input (e.g. an `sft` stage with prompt_tuning: a soft prompt) is scored on the same dev prompts asked
 plainly and shown in the same table; it cannot be registered as text, so the alias goes to the best text prompt.
 Output: prompts.json (the table, best first) and winner.json.
@@ -114,6 +115,8 @@ def generated_candidates(settings: GenerateSettings, teacher, seed: int, trust_r
             seen.add(text)
             found.append({"name": f"generated-{i}", "source": "teacher",
                           "messages": [{"role": "system", "content": text}, {"role": "user", "content": "{{question}}"}]})
+    logger.info("[prompt_search] the teacher wrote %d candidate(s) (%d of its %d replies were empty or repeated)",
+                len(found), len(replies) - len(found), len(replies))
     return found
 
 
@@ -270,7 +273,7 @@ KIND = StageKind(
         "teacher": Slot("policy", "the model that writes candidates (generate)", required=False),
         **judge_slots("scorer"),
     },
-    output="report",
+    output="prompt",
     work=_work,
     headline=("prompt_search/best_score", "prompt_search/candidates"),
     more_inputs=Slot("policy", "a prompt-tuned model (sft with prompt_tuning) scored on the same dev prompts"),

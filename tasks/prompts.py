@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 QUESTION = "{{question}}"
 
@@ -71,5 +72,14 @@ def prompt_source(spec: str | None, tracking_uri: str | None, name: str = "promp
 
 
 def template_of(inputs: dict, name: str = "prompt.template") -> list[dict] | None:
+    """A stage's template: its `prompt` input (a prompt_search output: the winner), or its `prompt` setting."""
+    if "prompt" in inputs:
+        winner = Path(inputs["prompt"]) / "winner.json"
+        if not winner.exists():
+            raise ValueError(f"the prompt input {inputs['prompt']} holds no winner.json (is it a prompt_search stage?)")
+        return as_messages(json.loads(winner.read_text())["messages"])
     ref = inputs.get(name)
     return ref["messages"] if ref else None
+
+
+PROMPT_SLOT_HELP = "a prompt_search stage whose winning template formats the prompts (instead of the `prompt` setting)"

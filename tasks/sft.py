@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from tasks.kinds import Slot, StageKind
-from tasks.prompts import prompt_source
+from tasks.prompts import PROMPT_SLOT_HELP, prompt_source
 from tasks.training import Section, stage_training
 
 SFTTraining = stage_training("SFTTraining", "TRL SFTConfig (lr 2e-5, max_length 1024, batch 8), one epoch as in the "
@@ -146,6 +146,7 @@ KIND = StageKind(
     inputs={
         "data": Slot("data", "prepared data with sft demonstrations", data=("sft",)),
         "base": Slot("policy", "the model to fine-tune"),
+        "prompt": Slot("prompt", PROMPT_SLOT_HELP, required=False),
     },
     output="policy",
     work=_work,
