@@ -408,12 +408,13 @@ def elicit_round(cfg: ElicitConfig, data: Path, policy: Path | str, out: Path, s
     model = load_causal_lm(generator, trust_remote_code, on_device=True)
     samples = sample_replies(model, tokenizer, prompts, cfg.candidates, cfg.max_completion_length, cfg.temperature,
                              seed * 1000 + round_, cfg.batch_size)
-    chosen_pairs = []
-    for prompt, replies in zip(prompts, samples):
-        distinct = _distinct(replies)
-        if len(distinct) < 2:
-            continue
-        rewards = ensemble.rewards(features([prompt] * len(distinct), distinct))
+    askable = [(prompt, _distinct(replies)) for prompt, replies in zip(prompts, samples)]
+    askable = [(prompt, distinct) for prompt, distinct in askable if len(distinct) >= 2]
+    every = ensemble.rewards(features([p for p, d in askable for _ in d], [r for _, d in askable for r in d]))
+    chosen_pairs, start = [], 0
+    for prompt, distinct in askable:
+        rewards = every[:, start: start + len(distinct)]
+        start += len(distinct)
         i, j = select_pair(cfg.rule, rewards, rng, cfg.boltzmann_temperature, cfg.ts_draws)
         chosen_pairs.append((prompt, distinct[i], distinct[j]))
     labels = rater.label([p for p, _, _ in chosen_pairs], [a for _, a, _ in chosen_pairs],

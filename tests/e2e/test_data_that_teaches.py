@@ -25,7 +25,9 @@ def elicit_recipe(tmp_path, base, rounds: int) -> str:
         "elicit": {"kind": "elicit", "rounds": rounds, "inputs": {"data": "data", "policy": str(base)},
                    "prompts_per_round": 8, "candidates": 4, "max_completion_length": 4, "eval_prompts": 16,
                    "eval_pairs": 64, "ensemble": {"heads": 4, "steps": 50},
-                   "rater": {"kind": "simulated", "label_noise": 0.0}},
+                   # the tiny base gets no sum right: a ground truth its replies differ on (the longer wins)
+                   "rater": {"kind": "simulated", "label_noise": 0.0,
+                             "truth": "tests.e2e.test_data_that_teaches:long_reply"}},
         "dpo": {"kind": "dpo", "inputs": {"data": "elicit", "policy": str(base)}, **TINY["align"]["dpo"]},
     }
     path = tmp_path / f"elicit-{rounds}.yaml"
@@ -48,12 +50,12 @@ def test_elicitation_rounds_ask_the_rater_refit_and_hand_their_pairs_to_dpo(stat
     queries = [json.loads(line) for line in (folder / "elicit" / "queries.jsonl").read_text().splitlines()]
     assert len(queries) == second["elicit/queries"] and {q["round"] for q in queries} == {1, 2}
     for q in queries:  # a noiseless simulated rater says what the ground truth says
-        right = arithmetic_reward([q["prompt"]] * 2, [q["first"], q["second"]])
+        right = long_reply([q["prompt"]] * 2, [[{"role": "assistant", "content": r}] for r in (q["first"], q["second"])])
         assert q["first"] != q["second"]
         assert q["label"] == (0.5 if right[0] == right[1] else float(right[0] > right[1]))
     decided = [q for q in queries if q["label"] != 0.5]
     pairs = pq.read_table(folder / "preference" / "train-00000.parquet").to_pylist()
-    assert len(pairs) == len(decided) == second["elicit/decided"]
+    assert len(pairs) == len(decided) == second["elicit/decided"] > 0
     assert (folder / "preference").glob("eval-*.parquet") and (folder / "eval").is_dir(), "held-out data passed on"
     assert stages["dpo"]["status"] == "completed"
 
@@ -179,3 +181,27 @@ def test_prompt_search_registers_every_candidate_and_aliases_the_best(state_home
 def long_reply(prompts, completions, **kwargs):
     """A test scorer: the length of the reply, in characters (capped), so templates that differ score apart."""
     return [float(min(len(c[-1]["content"]), 20)) for c in completions]
+
+
+def test_an_elicitation_round_with_dpo_trains_the_policy_the_next_round_samples(prepared, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tasks.elicit import ElicitConfig, SimulatedRater, elicit_round
+
+    _, root = prepared
+    cfg = ElicitConfig(rule="infomax", prompts_per_round=16, candidates=4, max_completion_length=4, eval_prompts=8,
+                       eval_pairs=32, ensemble={"heads": 4, "steps": 20},  # the tiny base gets no sum right: a
+                       rater={"truth": "tests.e2e.test_data_that_teaches:long_reply"},  # rater its replies differ on
+                       dpo={"loss_type": ["sigmoid"], "training": {"max_steps": 2, "batch_size": 4, "max_length": 64,
+                                                                   "learning_rate": 1e-3}})
+    metrics = elicit_round(cfg, root / "data", root / "base", tmp_path / "r1", 0, 1, SimulatedRater(cfg.rater, 0))
+    policy = tmp_path / "r1" / "elicit" / "policy"
+    assert metrics["elicit/decided"] > 0 and (policy / "config.json").exists()
+    before = AutoModelForCausalLM.from_pretrained(root / "base").state_dict()
+    after = AutoModelForCausalLM.from_pretrained(policy).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "DPO on the decided pairs moved the policy"
+    again = elicit_round(cfg.model_copy(update={"dpo": None}), tmp_path / "r1", root / "base", tmp_path / "r2", 0, 2,
+                         SimulatedRater(cfg.rater, 1))
+    assert again["elicit/queries"] > metrics["elicit/queries"]
+    assert (tmp_path / "r2" / "elicit" / "policy" / "config.json").exists(), "the trained policy is carried on"
