@@ -205,3 +205,31 @@ def test_an_elicitation_round_with_dpo_trains_the_policy_the_next_round_samples(
                          SimulatedRater(cfg.rater, 1))
     assert again["elicit/queries"] > metrics["elicit/queries"]
     assert (tmp_path / "r2" / "elicit" / "policy" / "config.json").exists(), "the trained policy is carried on"
+
+
+def test_a_judge_answers_the_queries_through_its_endpoint(state_home, prepared, tmp_path):
+    from tasks.elicit import ElicitConfig, build_rater, elicit_round, rater_sources
+    from tasks.stage import RunEnv, StageContext
+
+    _, root = prepared
+    server = OpenAIServer(tmp_path, "--rule", "shorter")
+    try:
+        uri = f"sqlite:///{tmp_path}/mlflow.db"
+        cfg = ElicitConfig(rule="passive", prompts_per_round=12, candidates=4, max_completion_length=6,
+                           eval_prompts=4, eval_pairs=16, ensemble={"heads": 4, "steps": 10},
+                           rater={"kind": "judge", "judge": {"backend": "endpoint", "url": server.url, "model": "short",
+                                                             "retry_backoff_seconds": 0.01}})
+        inputs = {"data": root / "data", "policy": root / "base", **rater_sources(cfg, uri)}
+        assert set(inputs) == {"data", "policy", "rater.prompt.compare"}, "the judge prompt's version keys the round"
+        env = RunEnv(storage_root=str(tmp_path / "store"), tracking_uri=uri, experiment_id="0", parent_run_id="")
+        rater = build_rater(cfg, inputs, StageContext(seed=0, env=env, run_id=None, stage="elicit.round1"))
+        metrics = elicit_round(cfg, root / "data", root / "base", tmp_path / "r1", 0, 1, rater)
+        asked = server.stats()["requests"]
+    finally:
+        server.stop()
+    queries = [json.loads(line) for line in (tmp_path / "r1" / "elicit" / "queries.jsonl").read_text().splitlines()]
+    assert queries and asked >= 2 * len(queries), "each query asked in both orders (and the win rate judged too)"
+    for q in queries:
+        a, b = len(q["first"].strip()), len(q["second"].strip())
+        assert q["label"] == (1.0 if a < b else 0.0 if b < a else 0.5), "the judge's verdict is the label"
+    assert metrics["elicit/queries"] == len(queries) and "elicit/oracle_win_rate" not in metrics
