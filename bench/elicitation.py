@@ -11,7 +11,8 @@ per rule and query count (mean over seeds, lowest and highest seed in brackets):
 
     rule=R queries=N rm_accuracy=A win_rate=W
 
-then the number of queries double_ts needs to reach passive's final quality, and the headroom: the accuracy the
+with how many queries were decided (not ties), then the number of queries double_ts needs to reach passive's
+final quality, and the headroom: the accuracy the
 same ensemble reaches on the features with every careful-grader pair (about 5,000) as labels, and the win rate of
 best-of-K picked by the ground truth. The bench's own MLflow experiment `elicitation-bench` (under the work
 folder) gets a run per rule with the mean curves (step = queries) and the figure sample_efficiency.png.
@@ -31,7 +32,7 @@ from common import ROOT, posttrain_run, stop_server
 
 sys.path.insert(0, str(ROOT))
 RULES = ("passive", "boltzmann", "infomax", "double_ts")
-MEASURES = ("rm_accuracy", "win_rate", "oracle_win_rate")
+MEASURES = ("rm_accuracy", "win_rate", "oracle_win_rate", "decided")
 UPSTREAM = ("data", "seed_data", "base", "sft", "seed_reward", "elicit")
 
 
@@ -145,6 +146,8 @@ def main() -> None:
                                                                        curves["win_rate"][rule]):
             print(f"rule={rule} queries={q} rm_accuracy={acc:.3f} win_rate={win:.3f}   "
                   f"[seeds: {acc_lo:.3f}-{acc_hi:.3f}, {win_lo:.3f}-{win_hi:.3f}]")
+        print(f"rule={rule}: {curves['decided'][rule][-1][1]:.0f} of {curves['decided'][rule][-1][0]} queries decided "
+              "(the rest were ties: both replies equally right or wrong)")
     summary: dict = {"seeds": args.seeds, "rounds": args.rounds, "final": {}, "double_ts_to_reach_passive": {}}
     for rule in args.rules:
         summary["final"][rule] = {m: curves[m][rule][-1][1] for m in MEASURES}
