@@ -8,7 +8,7 @@ import yaml
 
 from flows.config import ConfigError, PipelineConfig, load_config, validate_recipe
 from flows.graph import build_nodes, downstream_of, node_names
-from tasks.kinds import KIND_MODULES, kinds
+from tasks.kinds import KIND_MODULES, VALUE_TYPES, kinds
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = {"kind": "prepare_data", "sft": {"source": "a.jsonl"}, "preference": {"source": "b.jsonl"},
@@ -31,7 +31,7 @@ def test_every_kind_is_declared_once_with_typed_slots_and_headline():
     assert len(kinds()) == len(KIND_MODULES)
     for name, kind in kinds().items():
         assert kind.name == name and kind.description and kind.headline, name
-        assert kind.output in ("data", "policy", "reward", "report")
+        assert kind.output in VALUE_TYPES and all(slot.type in VALUE_TYPES for slot in kind.inputs.values()), name
         assert kind.module in KIND_MODULES, "one module per kind"
 
 
