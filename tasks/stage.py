@@ -167,7 +167,9 @@ def materialize_input(store: ArtifactStore, raw: dict, tracking_uri: str | None 
     if raw.get("kind") == "source":
         return dict(raw)
     ref = Ref.from_dict(raw)
-    if ref.uri.startswith(store.root_uri + "/"):
+    # an output of this store; a model the recipe names by its path (kind "model") is read where it is, even
+    # inside the store (an attempt folder of an earlier run)
+    if raw.get("kind") != "model" and ref.uri.startswith(store.root_uri + "/"):
         from tasks.modeling import is_adapter, materialize_adapter
 
         local = store.materialize(ref)

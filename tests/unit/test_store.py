@@ -157,3 +157,17 @@ def test_names_cannot_climb_out_of_the_root(tmp_path, name):
     with pytest.raises(ValueError):
         with ArtifactStore(str(tmp_path)).write(name, "k"):
             pass
+
+
+def test_a_model_named_by_its_path_inside_the_store_is_read_where_it_is(tmp_path):
+    from tasks.modeling import resolve_model
+    from tasks.stage import materialize_input
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    with store.write("sft", "sft-abc") as pending:
+        (pending.path / "config.json").write_text("{}")
+        (pending.path / "model.safetensors").write_bytes(b"weights")
+    attempt = next(Path(pending.ref.uri).glob("attempt-*"))
+    assert materialize_input(store, resolve_model(str(attempt))) == attempt, "an earlier run's model folder"
+    assert (materialize_input(store, pending.ref.to_dict()) / "model.safetensors").read_bytes() == b"weights", \
+        "a stage output is still read (and verified) through its manifest"
