@@ -71,7 +71,7 @@ def ceiling(found: dict, seed: int) -> float:
     data, features_model = (store.materialize(Ref(*found["outputs"][name])) for name in ("data", "seed_reward"))
 
     cfg = load_config(ROOT / "configs" / "elicit.yaml").stages["elicit"]
-    features = Features(features_model, False, 256, True)
+    features = Features.load(features_model, False, 256, True)
     held = load_split(Path(data), "preference", "eval").select(range(cfg.eval_pairs))
     train = load_split(Path(data), "preference", "train")
 

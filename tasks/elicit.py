@@ -212,14 +212,17 @@ def select_pair(rule: str, rewards, rng: random.Random, boltzmann_temperature: f
 class Features:
     """The frozen model's last hidden state at the reply's last token, standardised by fixed statistics."""
 
-    def __init__(self, folder, trust_remote_code: bool, batch_size: int, is_reward: bool):
+    def __init__(self, model, tokenizer, batch_size: int):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.mean = self.std = None
+
+    @classmethod
+    def load(cls, folder, trust_remote_code: bool, batch_size: int, is_reward: bool) -> "Features":
         from tasks.modeling import load_causal_lm, load_reward_model, load_tokenizer
 
         load = load_reward_model if is_reward else load_causal_lm
-        self.model = load(folder, trust_remote_code, on_device=True).eval()
-        self.tokenizer = load_tokenizer(folder, trust_remote_code)
-        self.batch_size = batch_size
-        self.mean = self.std = None
+        return cls(load(folder, trust_remote_code, on_device=True).eval(), load_tokenizer(folder, trust_remote_code),
+                   batch_size)
 
     def __call__(self, prompts: list, replies: list[str]):
         import torch
@@ -370,8 +373,7 @@ def elicit_round(cfg: ElicitConfig, data: Path, policy: Path | str, out: Path, s
     out.mkdir(parents=True, exist_ok=True)
     _pass_through(data, out)
     state.mkdir(exist_ok=True)
-    pool = _read_jsonl(state_in / "pool.jsonl") if (state_in / "pool.jsonl").exists() else None
-    pool = [row["prompt"] for row in pool] if pool is not None else _prompt_pool(data)
+    pool = [row["prompt"] for row in _read_jsonl(state_in / "pool.jsonl")] or _prompt_pool(data)
     _write_jsonl(state / "pool.jsonl", [{"prompt": p} for p in pool])
     queries = _read_jsonl(state_in / "queries.jsonl")
     history = json.loads((state_in / "history.json").read_text()) if (state_in / "history.json").exists() else []
@@ -384,7 +386,12 @@ def elicit_round(cfg: ElicitConfig, data: Path, policy: Path | str, out: Path, s
     held_pairs = held_pairs.select(range(min(cfg.eval_pairs, len(held_pairs))))
     eval_prompts = list(eval_rows.select(range(min(cfg.eval_prompts, len(eval_rows))))["prompt"])
 
-    features = Features(features_model or policy, trust_remote_code, cfg.batch_size, features_from_reward)
+    tokenizer = load_tokenizer(generator, trust_remote_code)
+    model = load_causal_lm(generator, trust_remote_code, on_device=True)
+    # the policy's own features come from the model already loaded to generate (one copy in memory, not two)
+    shared = features_model is None and generator == policy
+    features = (Features(model.eval(), tokenizer, cfg.batch_size) if shared else
+                Features.load(features_model or policy, trust_remote_code, cfg.batch_size, features_from_reward))
     held_prompts = list(held_pairs["prompt"])
     held_chosen = features(held_prompts, [c[-1]["content"] for c in held_pairs["chosen"]])  # fixes the scaling
     held_rejected = features(held_prompts, [r[-1]["content"] for r in held_pairs["rejected"]])
@@ -404,8 +411,6 @@ def elicit_round(cfg: ElicitConfig, data: Path, policy: Path | str, out: Path, s
     fresh = [p for p in pool if json.dumps(p, sort_keys=True) not in asked] or pool
     prompts = rng.sample(fresh, min(cfg.prompts_per_round, len(fresh)))
 
-    tokenizer = load_tokenizer(generator, trust_remote_code)
-    model = load_causal_lm(generator, trust_remote_code, on_device=True)
     samples = sample_replies(model, tokenizer, prompts, cfg.candidates, cfg.max_completion_length, cfg.temperature,
                              seed * 1000 + round_, cfg.batch_size)
     askable = [(prompt, _distinct(replies)) for prompt, replies in zip(prompts, samples)]
@@ -426,7 +431,8 @@ def elicit_round(cfg: ElicitConfig, data: Path, policy: Path | str, out: Path, s
     decided = _write_pairs(out, queries)
 
     if cfg.dpo is not None and decided:
-        free(model)
+        if not shared:
+            free(model)
         _train_dpo(cfg.dpo, out, policy, state / "policy", seed, trust_remote_code)
         generator = state / "policy"
         tokenizer = load_tokenizer(generator, trust_remote_code)
@@ -440,7 +446,8 @@ def elicit_round(cfg: ElicitConfig, data: Path, policy: Path | str, out: Path, s
                                  seed, trust_remote_code)
     win_rate = rates["win_rate"]
     free(model)
-    features.close()
+    if features.model is not model:
+        features.close()
     this_round = len(chosen_pairs)
     point = {"round": round_, "queries": len(queries), "rm_accuracy": rm_accuracy, **rates, "decided": decided,
              "ties": sum(q["label"] == 0.5 for q in queries)}

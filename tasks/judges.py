@@ -70,6 +70,11 @@ class EndpointSettings(Section):
     retry_backoff_seconds: float = Field(1.0, ge=0, description="endpoint: wait before the first retry; doubles "
                                          "with each further one (at most 30 s).")
 
+    def check_endpoint(self, who: str) -> None:
+        missing = [name for name in ("url", "model") if not getattr(self, name)]
+        if missing:
+            raise ValueError(f"{who} backend 'endpoint' needs {' and '.join(missing)}")
+
 
 class JudgeSettings(EndpointSettings):
     backend: Literal["reward_model", "rule", "hf_model", "endpoint"] = Field(
@@ -90,11 +95,11 @@ class JudgeSettings(EndpointSettings):
 
     @model_validator(mode="after")
     def _backend_has_what_it_needs(self) -> "JudgeSettings":
-        needs = {"rule": ("function",), "endpoint": ("url", "model")}.get(self.backend, ())
-        missing = [name for name in needs if not getattr(self, name)]
-        if missing:
-            raise ValueError(f"judge backend {self.backend!r} needs {' and '.join(missing)}")
+        if self.backend == "endpoint":
+            self.check_endpoint("judge")
         if self.backend == "rule":
+            if not self.function:
+                raise ValueError("judge backend 'rule' needs function")
             check_function_spec(self.function)
         return self
 

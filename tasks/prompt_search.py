@@ -163,7 +163,8 @@ def search(cfg: PromptSearchConfig, data: Path, policy, out: Path, seed: int, tr
         logger.info("[prompt_search] %s: %.3f", c["name"], sum(series[c["name"]]) / len(questions))
     free(model)
     for name, source in (soft_prompts or {}).items():
-        soft, soft_tokenizer = load_causal_lm(source, trust_remote_code, on_device=True), load_tokenizer(source)
+        soft = load_causal_lm(source, trust_remote_code, on_device=True)
+        soft_tokenizer = load_tokenizer(source, trust_remote_code)
         series[name], answers = scores(soft, soft_tokenizer, questions)
         rows.append({"candidate": name, "kind": "soft_prompt", "source": f"input {name}", "messages": None,
                      "example": answers[0] if answers else ""})

@@ -49,8 +49,8 @@ class TeacherSettings(EndpointSettings):
 
     @model_validator(mode="after")
     def _endpoint_has_url(self) -> "TeacherSettings":
-        if self.backend == "endpoint" and not (self.url and self.model):
-            raise ValueError("teacher backend endpoint needs url and model")
+        if self.backend == "endpoint":
+            self.check_endpoint("teacher")
         return self
 
 
