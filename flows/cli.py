@@ -322,6 +322,31 @@ def cmd_promote(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """A model (folder, stage output, registry alias, URI) as one GGUF file for llama.cpp, Ollama, LM Studio."""
+    home = _prepare_environment()
+    _setup_logging()
+    from tasks import gguf
+    from tasks.modeling import is_adapter, materialize_adapter, materialize_external, resolve_model
+    from tasks.stage import materialize_input
+    from tasks.store import ArtifactStore
+
+    tracking_uri = _tracking_uri(args, home)
+    try:
+        raw = resolve_model(args.model, tracking_uri)
+        local = materialize_external(raw, tracking_uri)
+        if is_adapter(local):  # a LoRA output: merged into its base first
+            store = ArtifactStore(str(home / "artifacts"))
+            local = materialize_adapter(Path(local), raw["digest"], lambda base: materialize_input(store, base,
+                                                                                                   tracking_uri))
+        written = gguf.export(local, Path(args.gguf), args.type)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{written['file']}: {written['architecture']}, {written['type']}, {written['size_mb']:.1f} MB")
+    return 0
+
+
 def cmd_reproduce(args) -> int:
     import tempfile
 
@@ -477,6 +502,14 @@ def main(argv: list[str] | None = None) -> int:
     pro.add_argument("--stage", help="the stage whose registered model to promote (default: the run's promote stage)")
     _tracking_uri_option(pro)
     pro.set_defaults(func=cmd_promote)
+    export = sub.add_parser("export", help="write a model (folder, stage output, models:/name@alias) as a GGUF file")
+    export.add_argument("model", help="the model: a save_pretrained folder, a stage output, models:/name@champion, "
+                        "an s3:// URI or a Hub id")
+    export.add_argument("--gguf", required=True, metavar="FILE", help="the GGUF file to write")
+    export.add_argument("--type", default="f16", choices=("f32", "f16", "q8_0"),
+                        help="weight type: f16 (default), f32, or q8_0 (8-bit, a quarter of fp32)")
+    _tracking_uri_option(export)
+    export.set_defaults(func=cmd_export)
     cmp = sub.add_parser("compare", help="what differs between two pipeline runs: settings, code, data, metrics")
     cmp.add_argument("run_a", help="the MLflow run id of a pipeline (parent) run")
     cmp.add_argument("run_b", help="the MLflow run id of another pipeline run; deltas are B - A")

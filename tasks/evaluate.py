@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tasks.harness import HarnessSettings
 from tasks.judges import JudgeSettings, missing_judge_input
@@ -29,6 +29,33 @@ from tasks.training import Section
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 EVALUATION_METRICS = "metrics.json"  # in the evaluate stage's output: every metric it reports
+
+
+class EvaluationVerifier(Section):
+    name: str = Field(description="The metric's name: <model>/verifier/<name>.")
+    function: str = Field(description="`module:function` in TRL's reward-function form, f(prompts, completions, "
+                          "reference=[...], **columns) -> list[float], scoring each reply (e.g. 1.0 correct, 0.0 not); "
+                          "its module's source is in the cache key.")
+
+    @field_validator("function")
+    @classmethod
+    def _module_and_name(cls, value: str) -> str:
+        from tasks.judges import check_function_spec
+
+        return check_function_spec(value)
+
+
+class ForgettingSettings(Section):
+    """Does post-training keep what the model could do? The anchor model (the base, before post-training) answers
+    general prompts greedily; every model's mean per-token negative log-likelihood of those replies is reported
+    (<model>/forgetting_nll) with the paired increase over the anchor (<model>/forgetting_nll_increase): a
+    policy that still answers as the base did stays near 0."""
+
+    prompts: str = Field(description="JSONL file (local or fsspec URI) of general prompts, one {\"prompt\": ...} per "
+                         "line, unrelated to the trained skill; its digest is in the cache key.")
+    anchor: str = Field("base", description="The input whose own greedy replies are the yardstick.")
+    max_prompts: int = Field(0, ge=0, description="Use at most this many prompts (0 = all).")
+    max_new_tokens: int = Field(96, ge=1, description="Longest anchor reply, in tokens.")
 
 
 class EvaluateConfig(Section):
@@ -58,6 +85,12 @@ class EvaluateConfig(Section):
                                "prompt (prompts:/name/version, prompts:/name@alias, e.g. a prompt_search winner) or "
                                "an inline {{question}} template (tasks/prompts.py). Rewards and judges see the "
                                "plain question.")
+    verifiers: list[EvaluationVerifier] = Field(
+        default_factory=list, description="Code that checks each reply (a format, an answer): <model>/verifier/<name> "
+        "with an interval per model, and the paired difference to the reference.")
+    forgetting: ForgettingSettings | None = Field(
+        None, description="A forgetting check on general prompts: the anchor's (base's) own replies' likelihood under "
+        "each model.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights' dtype for generation and scoring: 'auto' = bfloat16 on a GPU that supports "
         "it, float32 otherwise.",
@@ -69,6 +102,9 @@ class EvaluateConfig(Section):
         problem = missing_judge_input([self.judge], inputs) if self.judge is not None and inputs is not None else None
         if problem:
             raise ValueError(problem)
+        if self.forgetting is not None and inputs is not None and self.forgetting.anchor not in inputs:
+            raise ValueError(f"forgetting.anchor {self.forgetting.anchor!r} is not an input of this stage "
+                             f"(inputs: {', '.join(sorted(inputs))})")
         return self
 
 
@@ -105,9 +141,47 @@ def bootstrap_intervals(per_prompt: dict[str, list[float]], samples: int, confid
     return out
 
 
+def _anchor_replies(cfg: EvaluateConfig, models: dict, prompts_file: dict | None, trust_remote_code: bool,
+                    seed: int) -> tuple[list, list[str]]:
+    """The forgetting check's general prompts and the anchor model's own greedy replies to them."""
+    if cfg.forgetting is None:
+        return [], []
+    from tasks.generation import generate
+    from tasks.modeling import free, load_causal_lm, load_tokenizer
+
+    general = read_prompts(prompts_file["uri"], cfg.forgetting.max_prompts)
+    anchor = models[cfg.forgetting.anchor]
+    tokenizer = load_tokenizer(anchor, trust_remote_code)
+    model = load_causal_lm(anchor, trust_remote_code, cfg.dtype, on_device=True)
+    replies = generate(model, tokenizer, general, cfg.forgetting.max_new_tokens, cfg.batch_size, seed=seed)
+    free(model)
+    return general, replies
+
+
+def read_prompts(uri: str, limit: int = 0) -> list[list[dict]]:
+    """A JSONL file of {"prompt": text} rows as chat prompts; errors name the file and line."""
+    import fsspec
+
+    prompts = []
+    with fsspec.open(uri, "rt", encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["prompt"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{uri}: line {number}: expected {{\"prompt\": \"...\"}}") from None
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{uri}: line {number}: the prompt is empty or not a string")
+            prompts.append([{"role": "user", "content": text}])
+    if not prompts:
+        raise ValueError(f"{uri}: no prompts")
+    return prompts[:limit] if limit else prompts
+
+
 def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], reward: Path | str | None, out: Path,
-             seed: int, trust_remote_code: bool = False, judge=None, template: list[dict] | None = None
-             ) -> dict[str, float]:
+             seed: int, trust_remote_code: bool = False, judge=None, template: list[dict] | None = None,
+             forgetting_prompts: dict | None = None) -> dict[str, float]:
     """Generate with each of `models` on data/eval/test.jsonl and score them. One policy is on the device at
     a time (plus the reward model); each compared policy's samples are scored under the reference at the end.
     `judge` (tasks/judges.Judge) gives the pairwise verdicts of the win-rate matrix; default: the reward model.
@@ -116,6 +190,7 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
 
     from tasks.data import load_split
     from tasks.generation import generate, reply_logprobs, reward_scores
+    from tasks.judges import load_function
     from tasks.modeling import free, load_causal_lm, load_reward_model, load_tokenizer
     from tasks.tracking import sanitize_metric_name
     from tasks.training import seed_everything
@@ -145,11 +220,22 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
     series: dict[str, list[float]] = {}  # per-prompt values of the headline numbers, for their intervals
     asked = [wrap(template, p) for p in prompts] if template else prompts
     many = [p for p in asked for _ in range(cfg.kl_samples)]
+    verifiers = {v.name: load_function(v.function) for v in cfg.verifiers}
+    general, anchor_replies = _anchor_replies(cfg, models, forgetting_prompts, trust_remote_code, seed)
+    # the verifiers judge replies by code: a reference-free set needs none, and no arithmetic match is guessed
+    match_references = not verifiers
     for name, source in models.items():
         tokenizer = load_tokenizer(source, trust_remote_code)
         model = load_causal_lm(source, trust_remote_code, cfg.dtype, on_device=True)
         answers[name] = generate(model, tokenizer, asked, cfg.max_new_tokens, cfg.batch_size, seed=seed)
-        correct = [None if r is None else answer_matches(a, r) for a, r in zip(answers[name], references)]
+        correct = [None if r is None or not match_references else answer_matches(a, r)
+                   for a, r in zip(answers[name], references)]
+        for verifier, function in verifiers.items():
+            series[f"{name}/verifier/{verifier}"] = [float(v) for v in function(
+                prompts, answers[name], reference=references, task=tasks)]
+        if general:
+            nll = reply_logprobs(model, tokenizer, general, anchor_replies, cfg.batch_size, per_token=True)
+            series[f"{name}/forgetting_nll"] = [-v for v in nll]
         if reward is not None:
             rewards[name] = reward_scores(rm, rm_tokenizer, prompts, answers[name], cfg.batch_size)
         groups = [("", range(len(prompts)))] + [(f"/{sanitize_metric_name(t)}", rows) for t, rows in by_task.items()]
@@ -192,9 +278,16 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
                 a, _, b = key.partition("/win_rate_vs_")
                 matrix["win_rate"][a][b] = sum(verdicts) / len(verdicts)
     for name in compared:
-        if f"{name}/task_accuracy" in series and f"{reference}/task_accuracy" in series:
-            series[f"{name}/task_accuracy_delta_vs_{reference}"] = [
-                a - b for a, b in zip(series[f"{name}/task_accuracy"], series[f"{reference}/task_accuracy"])]
+        for metric in ("task_accuracy", *(f"verifier/{v}" for v in verifiers)):
+            if f"{name}/{metric}" in series and f"{reference}/{metric}" in series:
+                series[f"{name}/{metric}_delta_vs_{reference}"] = [
+                    a - b for a, b in zip(series[f"{name}/{metric}"], series[f"{reference}/{metric}"])]
+    if general:
+        anchor = cfg.forgetting.anchor
+        for name in models:
+            if name != anchor:
+                series[f"{name}/forgetting_nll_increase"] = [
+                    a - b for a, b in zip(series[f"{name}/forgetting_nll"], series[f"{anchor}/forgetting_nll"])]
     if samples:
         tokenizer = load_tokenizer(models[reference], trust_remote_code)
         ref_model = load_causal_lm(models[reference], trust_remote_code, cfg.dtype, on_device=True)
@@ -211,8 +304,12 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
         if key.endswith("/task_accuracy") or key.endswith("/mean_reward"):
             continue  # already in metrics, with the per-task breakdown
         metrics[key] = sum(values) / len(values)
-    for key, (low, high) in bootstrap_intervals(shown, cfg.bootstrap_samples, cfg.confidence, seed).items():
-        metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"] = low, high
+    # the forgetting check is resampled over its own (general) prompts, the rest over the evaluation prompts
+    general_series = {key: values for key, values in shown.items() if "/forgetting_nll" in key}
+    eval_series = {key: values for key, values in shown.items() if key not in general_series}
+    for group in (eval_series, general_series):
+        for key, (low, high) in bootstrap_intervals(group, cfg.bootstrap_samples, cfg.confidence, seed).items():
+            metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"] = low, high
     if matrix is not None:
         every_pair = {key: values for key, values in series.items() if "/win_rate_vs_" in key}
         for key, (low, high) in bootstrap_intervals(every_pair, cfg.bootstrap_samples, cfg.confidence, seed).items():
@@ -282,7 +379,7 @@ def _work(cfg: EvaluateConfig, inputs: dict, out: Path, ctx) -> dict[str, float]
     judge = stage_judge(cfg.judge, inputs, ctx)
     try:
         metrics = evaluate(cfg, inputs["data"], models, inputs.get("reward"), out, ctx.seed, ctx.trust_remote_code,
-                           judge, template_of(inputs))
+                           judge, template_of(inputs), inputs.get(FORGETTING_INPUT))
     finally:
         if judge is not None:
             judge.close()
@@ -298,11 +395,30 @@ def evaluation_sources(cfg: EvaluateConfig, tracking_uri: str | None = None) -> 
     """The judge's prompt versions (or rule source), the custom harness tasks and the prompt template, as stage
     inputs."""
     from tasks.harness import harness_sources
+    from tasks.judges import function_source
     from tasks.judges import judge_sources as sources
     from tasks.prompts import prompt_source
 
     judged = sources(cfg.judge, ("compare",), "judge", tracking_uri) if cfg.judge is not None else {}
-    return {**judged, **harness_sources(cfg.harness), **prompt_source(cfg.prompt, tracking_uri)}
+    verifiers = {f"verifier.{v.name}": function_source(v.function) for v in cfg.verifiers}
+    forgetting = {}
+    if cfg.forgetting is not None:
+        from tasks.sources import _object_digest, file_digest
+
+        uri = cfg.forgetting.prompts
+        local = Path(uri.removeprefix("file://"))
+        if "://" not in uri or uri.startswith("file://"):
+            if not local.is_file():
+                raise ValueError(f"forgetting.prompts: {uri}: file not found")
+            uri, digest = str(local.resolve()), file_digest(local)
+        else:
+            digest = _object_digest(uri)
+        forgetting = {FORGETTING_INPUT: {"uri": uri, "digest": digest, "kind": "source"}}
+    return {**judged, **harness_sources(cfg.harness), **prompt_source(cfg.prompt, tracking_uri), **verifiers,
+            **forgetting}
+
+
+FORGETTING_INPUT = "forgetting.prompts"
 
 
 def _publish_samples(rows: list[dict], models: list[str]) -> None:
@@ -326,6 +442,6 @@ KIND = StageKind(
     more_inputs=Slot("policy", "a policy to evaluate (any other input name: base, sft, policy, ...)"),
     output="report",
     work=_work,
-    headline=("*/task_accuracy", "*/win_rate_vs_*", "*/kl_to_*"),
+    headline=("*/task_accuracy", "*/verifier/*", "*/win_rate_vs_*", "*/kl_to_*", "*/forgetting_nll_increase"),
     source_inputs=evaluation_sources,
 )

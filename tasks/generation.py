@@ -13,9 +13,12 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
     """Completions for chat prompts, greedy unless do_sample; deterministic for a seed."""
     import torch
 
+    from tasks.chat import stop_token_ids
+
     torch.manual_seed(seed)
     tokenizer.padding_side = "left"
     model.eval()
+    stops = stop_token_ids(tokenizer, model)  # the template's end-of-turn token too, not only EOS
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
         texts = [_chat(tokenizer, p) for p in prompts[start : start + batch_size]]
@@ -24,7 +27,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
             ids = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
                 temperature=temperature if do_sample else None, top_p=None, top_k=None,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=stops,
             )
         new = ids[:, enc["input_ids"].shape[1] :]
         outputs += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
@@ -47,8 +50,10 @@ def reward_scores(model, tokenizer, prompts: list[list[dict]], replies: list[str
     return scores
 
 
-def reply_logprobs(model, tokenizer, prompts: list[list[dict]], replies: list[str], batch_size: int = 64) -> list[float]:
-    """Sum of log p(reply tokens | prompt) under a causal LM, reply closed by the end-of-turn token."""
+def reply_logprobs(model, tokenizer, prompts: list[list[dict]], replies: list[str], batch_size: int = 64,
+                   per_token: bool = False) -> list[float]:
+    """Sum of log p(reply tokens | prompt) under a causal LM, reply closed by the end-of-turn token (with
+    per_token, the mean over the reply's tokens)."""
     import torch
 
     tokenizer.padding_side = "right"
@@ -65,7 +70,8 @@ def reply_logprobs(model, tokenizer, prompts: list[list[dict]], replies: list[st
         mask = enc["attention_mask"][:, 1:].clone()
         for i, n in enumerate(prompt_lens):
             mask[i, : n - 1] = 0
-        out += (logp * mask).sum(-1).tolist()
+        total = (logp * mask).sum(-1)
+        out += (total / mask.sum(-1).clamp(min=1) if per_token else total).tolist()
     return out
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
+
+logger = logging.getLogger("posttrain")
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -112,11 +115,24 @@ def load_reward_model(source: str | Path, trust_remote_code: bool = False, dtype
                       on_device: bool = False):
     from transformers import AutoModelForSequenceClassification
 
+    from transformers.utils import logging as hf_logging
+
     _quiet_loading()
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(source), num_labels=1, trust_remote_code=trust_remote_code, use_safetensors=True,
-        dtype=inference_dtype(dtype),
-    )
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a causal LM has no score head: transformers' report of it says nothing new
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(source), num_labels=1, trust_remote_code=trust_remote_code, use_safetensors=True,
+            dtype=inference_dtype(dtype), output_loading_info=True,
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith(("score.", "classifier."))]
+    if missing:
+        logger.warning("reward model from %s: %d weights were not in the checkpoint and start random: %s", source,
+                       len(missing), ", ".join(sorted(missing)[:5]))
+    elif info.get("missing_keys"):
+        logger.info("reward model from %s: a new score head on the language model", source)
     return _place(model, on_device)
 
 
@@ -214,13 +230,14 @@ def materialize_adapter(folder: Path, digest: str, resolve_base) -> Path:
     return target
 
 
-MODEL_REFERENCE_HELP = "Hub id org/name[@revision], local folder, fsspec URI (s3://...), or models:/name@alias"
+MODEL_REFERENCE_HELP = ("Hub id org/name[@revision], local folder, fsspec URI (s3://...), models:/name@alias, or a "
+                        ".gguf file (a path, an s3:// URI, or org/name/file.gguf[@revision] inside a Hub repo)")
 
 
 def is_model_reference(text: str) -> bool:
     """Whether a recipe input names a model rather than a stage (stage names have no '/', ':' or '.')."""
     return (text.startswith("models:/") or "://" in text or text.startswith((".", "/", "~")) or "/" in text
-            or Path(text).expanduser().exists())
+            or text.lower().endswith(".gguf") or Path(text).expanduser().exists())
 
 
 def hub_repo(reference: str) -> str | None:
@@ -246,6 +263,10 @@ def resolve_model(reference: str, tracking_uri: str | None = None, digest: bool 
 
     if reference.startswith("models:/"):
         return _resolve_registered(reference, tracking_uri)
+    from tasks import gguf
+
+    if gguf.is_gguf_reference(reference):
+        return gguf.resolve(reference, digest)
     if "://" in reference:
         fs, path = fsspec.core.url_to_fs(reference)
         listing = fs.find(path, detail=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -11,6 +12,8 @@ from pydantic import Field, model_validator
 from tasks.kinds import Slot, StageKind
 from tasks.prompts import PROMPT_SLOT_HELP, prompt_source
 from tasks.training import Section, stage_training
+
+logger = logging.getLogger("posttrain")
 
 SFTTraining = stage_training("SFTTraining", "TRL SFTConfig (lr 2e-5, max_length 1024, batch 8), one epoch as in the "
                              "alignment-handbook SFT recipes", learning_rate=2e-5, epochs=1.0)
@@ -29,8 +32,9 @@ class SFTStageConfig(Section):
     completion_only_loss: bool = Field(True, description="Train on the completion tokens only, not the prompt.")
     assistant_only_loss: bool | Literal["auto"] = Field(
         "auto", description="Train on assistant turns only (user and tool turns inside a multi-turn completion are "
-        "context). 'auto': on when the data has multi-turn completions. Needs a chat template with "
-        "{% generation %} markers; TRL supplies them for the common model families.")
+        "context). 'auto': on when the data has multi-turn completions. With {% generation %} markers in the chat "
+        "template TRL masks by them; without (SmolLM2, Qwen2.5, Llama 3 as shipped) the assistant's tokens are found "
+        "by rendering each turn's prefix (tasks/chat.py).")
     prompt_tuning: PromptTuningSettings = Field(default_factory=PromptTuningSettings,
                                                 description="Soft-prompt tuning instead of full or LoRA fine-tuning.")
     prompt: str | None = Field(None, description="A prompt template every training prompt is formatted with: a "
@@ -56,6 +60,10 @@ def train_sft(cfg: SFTStageConfig, data: Path, base: Path, out: Path, seed: int,
     with tempfile.TemporaryDirectory() as scratch:
         trainer = sft_trainer(cfg, data, base, Path(scratch), seed, callbacks, trust_remote_code, template)
         tokenizer = trainer.processing_class
+        if held_out is not None and trainer.masks_by_rendering:
+            from tasks.chat import assistant_only_dataset
+
+            held_out = assistant_only_dataset(held_out, tokenizer, "sft/eval")
         resumed = train_with_checkpoints(trainer, checkpoints)
         metrics = {**final_train_metrics(trainer), **resumed}
         if held_out is not None:
@@ -80,6 +88,7 @@ def sft_trainer(cfg: SFTStageConfig, data: Path, base: Path, scratch: Path, seed
 
     from trl import SFTConfig, SFTTrainer
 
+    from tasks.chat import assistant_only_dataset, has_generation_markers
     from tasks.data import load_split
     from tasks.modeling import load_causal_lm, load_tokenizer
     from tasks.training import peft_config, seed_everything, trainer_kwargs
@@ -93,12 +102,18 @@ def sft_trainer(cfg: SFTStageConfig, data: Path, base: Path, scratch: Path, seed
         stats = json.loads((Path(data) / "stats.json").read_text()).get("sft", {})
         assistant_only = stats.get("multi_turn_rows", 0) > 0
     tokenizer = load_tokenizer(base, trust_remote_code)
+    by_rendering = assistant_only and not has_generation_markers(tokenizer)
+    if by_rendering:  # the template has no {% generation %} markers: the assistant's tokens found by rendering
+        train = assistant_only_dataset(train, tokenizer)
+    logger.info("sft: loss on %s", "the assistant turns (found by rendering the template; tasks/chat.py)"
+                if by_rendering else "the assistant turns (the template's generation markers)" if assistant_only
+                else "the completions" if cfg.completion_only_loss else "every token")
     model = load_causal_lm(base, trust_remote_code, for_training=True)
     args = SFTConfig(
         **trainer_kwargs(cfg.training, scratch, seed),
         max_length=cfg.training.max_length,
         completion_only_loss=cfg.completion_only_loss,
-        assistant_only_loss=assistant_only,
+        assistant_only_loss=assistant_only and not by_rendering,
         packing=False,
     )
     peft = peft_config(cfg.training.lora)
@@ -109,8 +124,10 @@ def sft_trainer(cfg: SFTStageConfig, data: Path, base: Path, scratch: Path, seed
         peft = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.prompt_tuning.num_virtual_tokens,
                                   prompt_tuning_init="TEXT" if init else "RANDOM", prompt_tuning_init_text=init,
                                   tokenizer_name_or_path=str(base) if init else None)
-    return SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
-                      peft_config=peft, callbacks=list(callbacks))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                         peft_config=peft, callbacks=list(callbacks))
+    trainer.masks_by_rendering = by_rendering
+    return trainer
 
 
 def _train(cfg: SFTStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:

@@ -166,6 +166,10 @@ def materialize_input(store: ArtifactStore, raw: dict, tracking_uri: str | None 
     digest, resolved revision); an external model as a local folder or Hub id."""
     if raw.get("kind") == "source":
         return dict(raw)
+    if raw.get("gguf"):  # converted once into the store, keyed by the file's digest
+        from tasks import gguf
+
+        return gguf.materialize(store, raw)
     ref = Ref.from_dict(raw)
     # an output of this store; a model the recipe names by its path (kind "model") is read where it is, even
     # inside the store (an attempt folder of an earlier run)
@@ -214,6 +218,11 @@ def execute_stage(kind: str, instance: str, config: dict, inputs: dict[str, dict
         tracking.log_params(run_env.tracking_uri, run_id, tracking.flatten(tracking.redact(config)))
         tracking.set_tags(run_env.tracking_uri, run_id, input_tags(inputs))
         local = {name: materialize_input(store, raw, run_env.tracking_uri) for name, raw in inputs.items()}
+        if any(raw.get("gguf") for raw in inputs.values()):
+            from tasks import gguf
+
+            tracking.set_tags(run_env.tracking_uri, run_id, {k: v for n, raw in inputs.items() if raw.get("gguf")
+                                                             for k, v in gguf.input_tags(n, local[n]).items()})
         existing = store.lookup(area, key)
         if existing is not None and refresh:
             aside = store.quarantine(existing.uri, "recomputed on request (--refresh)")

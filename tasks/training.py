@@ -181,18 +181,48 @@ def metrics_callback(log: Callable[[dict[str, float], int], None], stage: str):
         def __init__(self):
             self.started = time.monotonic()
             self.progress = PrefectProgress(stage)
+            self.last = None  # (time, step, tokens) of the previous logged step
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.monotonic()
+            self.first_step = state.global_step  # a resumed run counts from where it resumed
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             numbers = {curve_name(k): float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
-            if numbers:
-                log(numbers, state.global_step)
-                shown = ", ".join(f"{k}={v:.4g}" for k, v in list(numbers.items())[:4])
-                logger.info("[%s] step %d/%d %s", stage, state.global_step, state.max_steps, shown)
+            if not numbers:
+                return
+            now, step = time.monotonic(), state.global_step
+            speed = ""
+            tokens = numbers.get("train/num_tokens")
+            if tokens is not None and self.last is not None and now > self.last[0] and tokens > self.last[2]:
+                numbers["train/tokens_per_second"] = (tokens - self.last[2]) / (now - self.last[0])
+                speed = f" | {numbers['train/tokens_per_second']:,.0f} tok/s"
+            if tokens is not None:
+                self.last = (now, step, tokens)
+            done = step - getattr(self, "first_step", 0)
+            if done > 0 and state.max_steps > step:
+                speed += f", ETA {_duration((now - self.started) / done * (state.max_steps - step))}"
+            log(numbers, step)
+            shown = ", ".join(f"{k.removeprefix('train/')}={numbers[k]:.4g}" for k in _shown(numbers))
+            logger.info("[%s] step %d/%d %s%s", stage, step, state.max_steps, shown, speed)
 
         def on_step_end(self, args, state, control, **kwargs):
             self.progress.update(state.global_step, state.max_steps)
 
     return _StepLogger()
+
+
+def _shown(numbers: dict[str, float]) -> list[str]:
+    """The few numbers a progress line shows: the loss, then what tells a method's progress (DPO's reward margin
+    and accuracy, RL's reward), then the learning rate."""
+    wanted = ("train/loss", "eval/loss", "train/rewards/margins", "train/rewards/accuracies", "train/reward",
+              "train/learning_rate")
+    return [k for k in wanted if k in numbers] or list(numbers)[:3]
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def train_with_checkpoints(trainer, checkpoints=None) -> dict[str, float]:
@@ -225,6 +255,9 @@ def final_train_metrics(trainer, prefix: str = "train") -> dict[str, float]:
     runtime = [h["train_runtime"] for h in trainer.state.log_history if "train_runtime" in h]
     if runtime:
         out[f"{prefix}/runtime_seconds"] = float(runtime[-1])
+    tokens = [h["num_tokens"] for h in trainer.state.log_history if isinstance(h.get("num_tokens"), (int, float))]
+    if tokens:  # TRL's count of the (non-padding) tokens trained on
+        out[f"{prefix}/tokens"] = float(tokens[-1])
     if history:
         out[f"{prefix}/final_loss"] = float(history[-1]["loss"])
         out[f"{prefix}/first_loss"] = float(history[0]["loss"])

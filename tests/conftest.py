@@ -13,7 +13,33 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # learning figures are identical at 1 and 2 threads) and results stay deterministic.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import contextlib  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+@contextlib.contextmanager
+def posttrain_home(home):
+    """POSTTRAIN_HOME set to `home` (and no MLflow URI from outside) while the block runs."""
+    old = os.environ.get("POSTTRAIN_HOME")
+    os.environ["POSTTRAIN_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        yield home
+    finally:
+        if old is None:
+            os.environ.pop("POSTTRAIN_HOME", None)
+        else:
+            os.environ["POSTTRAIN_HOME"] = old
+
+
+@contextlib.contextmanager
+def temporary_prefect():
+    """One temporary Prefect server (and result store) for a suite's session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +95,7 @@ def s3_env(moto_s3, monkeypatch):
 
 
 # The longest groups start first, so the two workers finish together (xdist hands out groups in order).
-_LONGEST_FIRST = ["faults", "e2e/test_learning", "services/test_shared_services", "e2e/test_graph_runs",
+_LONGEST_FIRST = ["realmodel/test_smollm2", "faults", "e2e/test_learning", "services/test_shared_services", "e2e/test_graph_runs",
                   "e2e/test_concurrency"]
 
 

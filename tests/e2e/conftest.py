@@ -4,32 +4,21 @@ from pathlib import Path
 import pytest
 
 from tasks import synthetic
+from tests.conftest import posttrain_home, temporary_prefect
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server():
-    """One temporary Prefect server (and result store) for the whole session."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
+    with temporary_prefect():
         yield
 
 
 @pytest.fixture(scope="module")
 def state_home(tmp_path_factory):
-    import os
-
-    home = tmp_path_factory.mktemp("posttrain-home")
-    old = os.environ.get("POSTTRAIN_HOME")
-    os.environ["POSTTRAIN_HOME"] = str(home)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    yield home
-    if old is None:
-        os.environ.pop("POSTTRAIN_HOME", None)
-    else:
-        os.environ["POSTTRAIN_HOME"] = old
+    with posttrain_home(tmp_path_factory.mktemp("posttrain-home")) as home:
+        yield home
 
 
 @pytest.fixture(scope="session")
