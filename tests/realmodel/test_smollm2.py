@@ -76,9 +76,9 @@ def test_the_shipped_recipe_post_trains_the_real_model(smollm2_gguf, smollm2_fol
 
     summary_path = real_home / "summary.json"
     overrides = [f"seed={SEED}", f"sft.inputs.base={smollm2_gguf}", f"evaluate.inputs.base={smollm2_gguf}",
-                 "sft.training.max_steps=24", "reward.training.max_steps=8", "dpo.training.max_steps=12",
-                 "dpo.training.logging_steps=2",
-                 "evaluate.max_prompts=48", "evaluate.bootstrap_samples=200", "evaluate.forgetting.max_prompts=16"]
+                 "sft.training.max_steps=20", "reward.training.max_steps=6", "dpo.training.max_steps=10",
+                 "dpo.training.logging_steps=2", "evaluate.max_prompts=40", "evaluate.bootstrap_samples=200",
+                 "evaluate.forgetting.max_prompts=12"]
     args = ["run", "--config", str(ROOT / "configs" / "smollm2-word-problems.yaml"), "--summary-json",
             str(summary_path)]
     assert main(args + [a for o in overrides for a in ("--set", o)]) == 0
