@@ -1,9 +1,10 @@
 """`evaluate` stage: every model input (base, sft, each branch, external models such as the registry's
 `models:/<name>@champion`) on the held-out prompts.
 
-Per model: task_accuracy (where a reference answer exists; per task too, with eval prompts from several
-tasks), mean_reward (reward-model score, when a reward model is an input), judge_score (a scoring judge),
-response_tokens, and, for every policy other than `base` and the reference (default: the input named `sft`),
+Per model: task_accuracy (where a reference answer exists and no verifiers are set; per task too, with eval
+prompts from several tasks), verifier/<name> (code that scores each reply), mean_reward (reward-model score,
+when a reward model is an input), judge_score (a scoring judge), response_tokens, forgetting_nll (the anchor's
+own replies to general prompts, per token; with its paired increase over the anchor), and, for every policy other than `base` and the reference (default: the input named `sft`),
 win_rate_vs_<reference>, task_accuracy_delta_vs_<reference> and kl_to_<reference> (a Monte-Carlo estimate of
 KL(policy || reference) from completions sampled from the policy). Every headline number carries a seeded
 bootstrap confidence interval (`<metric>_ci_low`, `<metric>_ci_high`); differences are paired.
@@ -149,7 +150,7 @@ def _anchor_replies(cfg: EvaluateConfig, models: dict, prompts_file: dict | None
     from tasks.generation import generate
     from tasks.modeling import free, load_causal_lm, load_tokenizer
 
-    general = read_prompts(prompts_file["uri"], cfg.forgetting.max_prompts)
+    general = read_prompts(prompts_file["uri"] if prompts_file else cfg.forgetting.prompts, cfg.forgetting.max_prompts)
     anchor = models[cfg.forgetting.anchor]
     tokenizer = load_tokenizer(anchor, trust_remote_code)
     model = load_causal_lm(anchor, trust_remote_code, cfg.dtype, on_device=True)
@@ -231,8 +232,10 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
         correct = [None if r is None or not match_references else answer_matches(a, r)
                    for a, r in zip(answers[name], references)]
         for verifier, function in verifiers.items():
-            series[f"{name}/verifier/{verifier}"] = [float(v) for v in function(
-                prompts, answers[name], reference=references, task=tasks)]
+            scores = [float(v) for v in function(prompts, answers[name], reference=references, task=tasks)]
+            if len(scores) != len(prompts):
+                raise ValueError(f"evaluate.verifiers {verifier}: {len(scores)} scores for {len(prompts)} replies")
+            series[f"{name}/verifier/{verifier}"] = scores
         if general:
             nll = reply_logprobs(model, tokenizer, general, anchor_replies, cfg.batch_size, per_token=True)
             series[f"{name}/forgetting_nll"] = [-v for v in nll]
