@@ -4,7 +4,8 @@ The yardstick for bench/real_model.py (what the same trainer costs on the same r
     python bench/bare_trl_real_model.py sft|dpo --data PREPARED --model FOLDER --out DIR --steps N --json PATH
 
 PREPARED is a prepare_data output (its Parquet splits are read as they are); FOLDER a save_pretrained model (the
-converted GGUF). Hyperparameters: those of configs/smollm2-word-problems.yaml, written out here.
+converted GGUF). Hyperparameters: those of configs/smollm2-word-problems.yaml, written out here. SFT also
+computes the held-out loss, as the stage does.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ def main() -> None:
         trainer = DPOTrainer(model=model, args=DPOConfig(**common, learning_rate=5e-6, beta=0.1),
                              train_dataset=train, processing_class=tokenizer)
     trainer.train()
+    held_out = sorted(str(p) for p in (args.data / kind).glob("eval*.parquet"))
+    if args.stage == "sft" and held_out:  # the stage reports the held-out loss too: the same work here
+        rows = datasets.Dataset.from_parquet(held_out)
+        trainer.evaluate(rows.remove_columns([c for c in ("source", "row", "task") if c in rows.column_names]))
     trainer.model.save_pretrained(args.out / "model")
     tokenizer.save_pretrained(args.out / "model")
     seconds = time.perf_counter() - started

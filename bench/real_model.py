@@ -47,7 +47,7 @@ def stage(home: Path, name: str, overrides: list[str]) -> dict:
     wall, rss = run(cmd, env, home / f"{name}.log")
     found = next(s for s in json.loads(summary.read_text())["stages"] if s["name"] == name)
     return {"seconds": found["seconds"], "tokens": found["metrics"]["train/tokens"], "peak_rss_mb": rss,
-            "command_seconds": wall, "output": found["output"]}
+            "command_seconds": wall, "output": found["output_uri"]}
 
 
 def main() -> None:

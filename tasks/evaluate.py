@@ -47,10 +47,12 @@ class EvaluationVerifier(Section):
 
 
 class ForgettingSettings(Section):
-    """Does post-training keep what the model could do? The anchor model (the base, before post-training) answers
-    general prompts greedily; every model's mean per-token negative log-likelihood of those replies is reported
-    (<model>/forgetting_nll) with the paired increase over the anchor (<model>/forgetting_nll_increase): a
-    policy that still answers as the base did stays near 0."""
+    """Does post-training keep what the model could do? On general prompts, both ways: the anchor (the base, before
+    post-training) answers greedily and every model's mean per-token negative log-likelihood of those replies is
+    reported (<model>/forgetting_nll, with the paired increase over the anchor, <model>/forgetting_nll_increase);
+    and every model answers greedily and the anchor scores those replies (<model>/forgetting_drift: the anchor's
+    per-token NLL of the model's reply minus of its own). A policy that still answers as the base did stays near 0
+    on both; one that answers everything in its trained format keeps a low nll_increase but drifts far."""
 
     prompts: str = Field(description="JSONL file (local or fsspec URI) of general prompts, one {\"prompt\": ...} per "
                          "line, unrelated to the trained skill; its digest is in the cache key.")
@@ -223,6 +225,7 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
     many = [p for p in asked for _ in range(cfg.kl_samples)]
     verifiers = {v.name: load_function(v.function) for v in cfg.verifiers}
     general, anchor_replies = _anchor_replies(cfg, models, forgetting_prompts, trust_remote_code, seed)
+    own_general: dict[str, list[str]] = {}  # each model's own replies to the general prompts
     # the verifiers judge replies by code: a reference-free set needs none, and no arithmetic match is guessed
     match_references = not verifiers
     for name, source in models.items():
@@ -239,6 +242,8 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
         if general:
             nll = reply_logprobs(model, tokenizer, general, anchor_replies, cfg.batch_size, per_token=True)
             series[f"{name}/forgetting_nll"] = [-v for v in nll]
+            own_general[name] = anchor_replies if name == cfg.forgetting.anchor else generate(
+                model, tokenizer, general, cfg.forgetting.max_new_tokens, cfg.batch_size, seed=seed)
         if reward is not None:
             rewards[name] = reward_scores(rm, rm_tokenizer, prompts, answers[name], cfg.batch_size)
         groups = [("", range(len(prompts)))] + [(f"/{sanitize_metric_name(t)}", rows) for t, rows in by_task.items()]
@@ -291,6 +296,16 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
             if name != anchor:
                 series[f"{name}/forgetting_nll_increase"] = [
                     a - b for a, b in zip(series[f"{name}/forgetting_nll"], series[f"{anchor}/forgetting_nll"])]
+        # the other direction: how unlike the anchor's are each model's own replies (the anchor's per-token NLL of
+        # them, over its NLL of its own): a model that answers every question in a trained format drifts far
+        tokenizer = load_tokenizer(models[anchor], trust_remote_code)
+        anchor_model = load_causal_lm(models[anchor], trust_remote_code, cfg.dtype, on_device=True)
+        under_anchor = {name: reply_logprobs(anchor_model, tokenizer, general, replies, cfg.batch_size, per_token=True)
+                        for name, replies in own_general.items()}
+        free(anchor_model)
+        for name in models:
+            if name != anchor:
+                series[f"{name}/forgetting_drift"] = [a - b for a, b in zip(under_anchor[anchor], under_anchor[name])]
     if samples:
         tokenizer = load_tokenizer(models[reference], trust_remote_code)
         ref_model = load_causal_lm(models[reference], trust_remote_code, cfg.dtype, on_device=True)
@@ -308,7 +323,7 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
             continue  # already in metrics, with the per-task breakdown
         metrics[key] = sum(values) / len(values)
     # the forgetting check is resampled over its own (general) prompts, the rest over the evaluation prompts
-    general_series = {key: values for key, values in shown.items() if "/forgetting_nll" in key}
+    general_series = {key: values for key, values in shown.items() if "/forgetting_" in key}
     eval_series = {key: values for key, values in shown.items() if key not in general_series}
     for group in (eval_series, general_series):
         for key, (low, high) in bootstrap_intervals(group, cfg.bootstrap_samples, cfg.confidence, seed).items():
@@ -445,6 +460,7 @@ KIND = StageKind(
     more_inputs=Slot("policy", "a policy to evaluate (any other input name: base, sft, policy, ...)"),
     output="report",
     work=_work,
-    headline=("*/task_accuracy", "*/verifier/*", "*/win_rate_vs_*", "*/kl_to_*", "*/forgetting_nll_increase"),
+    headline=("*/task_accuracy", "*/verifier/*", "*/win_rate_vs_*", "*/kl_to_*", "*/forgetting_nll_increase",
+              "*/forgetting_drift"),
     source_inputs=evaluation_sources,
 )

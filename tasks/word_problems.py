@@ -8,6 +8,7 @@ UltraFeedback binarized's `prompt` + `chosen`/`rejected` conversations with scor
 evaluation set) so that the recipe exercises the same reading code as a Hub data set:
 
     python -m tasks.word_problems configs/word-problems      # rewrites the shipped files (seeded)
+    python -m tasks.word_problems configs/word-problems --replay FOLDER   # and the replay file (the base's replies)
 
 The verifiers are in TRL's reward-function form (f(prompts, completions, **columns) -> list[float]), usable
 as evaluation verifiers and as GRPO/RLOO rewards.
@@ -18,7 +19,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import sys
 from pathlib import Path
 
 NAMES = ("Sam", "Mia", "Leo", "Ava", "Noah", "Zoe", "Omar", "Lily", "Ben", "Ivy", "Max", "Nina")
@@ -103,6 +103,51 @@ def write_files(folder: Path, seed: int = 0, sft_rows: int = 800, preference_row
     return {"sft": sft_rows, "preference": preference_rows, "eval": eval_rows}
 
 
+COUNTRIES = ("Spain", "Canada", "Egypt", "Kenya", "Peru", "Norway", "India", "Chile", "Greece", "Poland",
+             "Mexico", "Sweden", "Turkey", "Vietnam", "Ireland", "Portugal")
+THINGS = ("a river", "a volcano", "a library", "a bicycle", "a rainbow", "a forest", "a museum", "an island",
+          "a desert", "a bridge", "a garden", "a lighthouse", "a violin", "a telescope", "a glacier", "a market")
+ACTIVITIES = ("learning a new language", "staying focused", "saving money", "cooking rice", "running a first 5k",
+              "keeping plants alive", "writing an email", "making friends at a new school", "packing for a trip",
+              "drinking more water", "reading more books", "waking up early", "studying for an exam",
+              "taking better photos", "keeping a desk tidy", "staying calm before a talk")
+SHAPES = ("What is the capital of {country}?", "Describe {thing} in one sentence.",
+          "Give me one tip for {activity}.", "Why do people like {thing}? Answer briefly.",
+          "Tell me one interesting fact about {country}.", "What is {thing}? Explain it to a child.",
+          "What is a good way to spend a day in {country}?", "What should I know before {activity}?")
+
+
+def general_prompts(seed: int = 0, count: int = 128) -> list[str]:
+    """General questions unlike the word problems and unlike configs/word-problems/general.jsonl (the forgetting
+    check's held-out questions): the prompts of the replay data."""
+    rng = random.Random(seed)
+    prompts = sorted({shape.format(country=c, thing=t, activity=a) for shape in SHAPES for c in COUNTRIES
+                      for t in THINGS for a in ACTIVITIES})
+    rng.shuffle(prompts)
+    return prompts[:count]
+
+
+def write_replay(folder: Path, model: str, count: int = 128, max_new_tokens: int = 192) -> int:
+    """general-replay.jsonl (UltraChat shape): the model's own greedy replies to general questions. Mixed into SFT,
+    they keep the model answering other questions as it did: without them the model learns to end every reply
+    with `Answer: <number>` (measured: SmolLM2 answered "What is the capital of France?" with "57 / Answer: 57")."""
+    from tasks.generation import generate
+    from tasks.modeling import load_causal_lm, load_tokenizer
+
+    prompts = general_prompts(count=count)
+    tokenizer, lm = load_tokenizer(model), load_causal_lm(model)
+    replies = generate(lm, tokenizer, [[{"role": "user", "content": p}] for p in prompts], max_new_tokens, 16)
+    kept = 0
+    with open(Path(folder) / "general-replay.jsonl", "w") as f:
+        for i, (prompt, reply) in enumerate(zip(prompts, replies)):
+            if len(tokenizer(reply, add_special_tokens=False)["input_ids"]) >= max_new_tokens - 2:
+                continue  # cut off, not ended: training on it would teach the model to stop mid-sentence
+            kept += 1
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+            f.write(json.dumps({"prompt": prompt, "prompt_id": f"wp-replay-{i}", "messages": messages}) + "\n")
+    return kept
+
+
 def _last_line(completion) -> str:
     text = completion[-1]["content"] if isinstance(completion, list) else completion
     lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
@@ -126,4 +171,13 @@ def answer_correct(prompts, completions, reference=None, **columns) -> list[floa
 
 
 if __name__ == "__main__":
-    print(write_files(Path(sys.argv[1] if len(sys.argv) > 1 else "configs/word-problems")))
+    import argparse
+
+    parser = argparse.ArgumentParser(description="write the word-problem data files (seeded)")
+    parser.add_argument("folder", nargs="?", default="configs/word-problems")
+    parser.add_argument("--replay", metavar="MODEL", help="also write general-replay.jsonl: MODEL's own replies to "
+                        "general questions (a folder; the converted SmolLM2 GGUF for the shipped file)")
+    args = parser.parse_args()
+    print(write_files(Path(args.folder)))
+    if args.replay:
+        print({"general-replay": write_replay(Path(args.folder), args.replay)})

@@ -99,6 +99,7 @@ def test_the_shipped_recipe_post_trains_the_real_model(smollm2_gguf, smollm2_fol
     # forgetting: the base's own replies to general questions stay likely (per-token NLL up by less than a nat)
     assert m["base/forgetting_nll"] < 2.0
     assert m["sft/forgetting_nll_increase"] < 1.0 and m["policy/forgetting_nll_increase"] < 1.0
+    assert abs(m["sft/forgetting_drift"]) < 2.0 and abs(m["policy/forgetting_drift"]) < 2.0
     assert stages["dpo"]["metrics"]["train/final_loss"] < stages["dpo"]["metrics"]["train/first_loss"]
 
     sft_run = tracking.client(summary["tracking_uri"]).get_run(stages["sft"]["mlflow_run_id"])
@@ -107,8 +108,10 @@ def test_the_shipped_recipe_post_trains_the_real_model(smollm2_gguf, smollm2_fol
 
     from tasks.store import ArtifactStore, Ref
 
-    policy = ArtifactStore(str(real_home / "artifacts")).materialize(Ref.from_dict(stages["dpo"]["output"]))
+    policy = ArtifactStore(str(real_home / "artifacts")).materialize(
+        Ref(uri=stages["dpo"]["output_uri"], digest=stages["dpo"]["output_digest"]))
     reply, generated = _ask(policy, "What is the capital of France?")
+    print("the DPO policy on France:", repr(reply))
     assert reply and generated < 40, f"the policy still chats and stops: {reply!r}"
     reply, _ = _ask(policy, "Tom has 12 marbles and gets 7 more. How many marbles does Tom have now?")
     assert reply.splitlines()[-1].startswith("Answer: "), reply
