@@ -56,12 +56,16 @@ def _clean(messages: list[dict]) -> list[dict]:
     return [{k: v for k, v in m.items() if v is not None} for m in messages]
 
 
-def assistant_spans(tokenizer, messages: list[dict], where: str, tools=None) -> tuple[str, list[tuple[int, int]]]:
+_ASK = object()  # end_of_turn not given: found from the template
+
+
+def assistant_spans(tokenizer, messages: list[dict], where: str, tools=None,
+                    turn=_ASK) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant replies (each with its end-of-turn
-    token, not what follows it)."""
+    token, not what follows it). `turn`: the template's end-of-turn token when the caller knows it already."""
     messages = _clean(messages)
     full = _render(tokenizer, messages, tools=tools)
-    turn = end_of_turn(tokenizer)
+    turn = end_of_turn(tokenizer) if turn is _ASK else turn
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -83,9 +87,9 @@ def assistant_spans(tokenizer, messages: list[dict], where: str, tools=None) -> 
 
 
 def tokenize_assistant_only(tokenizer, prompt: list[dict], completion: list[dict], where: str,
-                            tools=None) -> dict:
+                            tools=None, turn=_ASK) -> dict:
     """{input_ids, assistant_masks} of one conversation, 1 on the assistant's reply tokens."""
-    text, spans = assistant_spans(tokenizer, list(prompt) + list(completion), where, tools)
+    text, spans = assistant_spans(tokenizer, list(prompt) + list(completion), where, tools, turn)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     mask = [int(any(start <= a < end for start, end in spans)) for a, _ in encoded["offset_mapping"]]
     if not any(mask):
@@ -98,9 +102,12 @@ def assistant_only_dataset(dataset, tokenizer, name: str = "sft/train"):
     and truncates to max_length)."""
     import json
 
+    turn = end_of_turn(tokenizer)  # once, not per row
+
     def encode(row, index):
         tools = row.get("tools")
         tools = json.loads(tools) if isinstance(tools, str) else tools
-        return tokenize_assistant_only(tokenizer, row["prompt"], row["completion"], f"{name} row {index + 1}", tools)
+        return tokenize_assistant_only(tokenizer, row["prompt"], row["completion"], f"{name} row {index + 1}", tools,
+                                       turn)
 
     return dataset.map(encode, with_indices=True, remove_columns=dataset.column_names)
