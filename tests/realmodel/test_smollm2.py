@@ -96,7 +96,7 @@ def test_the_shipped_recipe_post_trains_the_real_model(smollm2_gguf, smollm2_fol
     assert correct["sft"] > correct["base"] + 0.1 and correct["policy"] > correct["base"] + 0.1
     assert m["sft/verifier/answer_format_ci_low"] > m["base/verifier/answer_format_ci_high"]
     assert not any("task_accuracy" in k for k in m), "the verifiers score this task, not the demo's number match"
-    assert 0 <= m["policy/kl_to_sft"] < 5
+    assert -0.5 < m["policy/kl_to_sft"] < 5  # a Monte-Carlo estimate: a little below 0 when DPO barely moved
     # forgetting: the base's own replies to general questions stay likely (per-token NLL up by less than a nat)
     assert m["base/forgetting_nll"] < 2.0
     assert m["sft/forgetting_nll_increase"] < 1.0 and m["policy/forgetting_nll_increase"] < 1.0
