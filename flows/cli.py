@@ -327,18 +327,17 @@ def cmd_export(args) -> int:
     home = _prepare_environment()
     _setup_logging()
     from tasks import gguf
-    from tasks.modeling import is_adapter, materialize_adapter, materialize_external, resolve_model
+    from tasks.modeling import is_adapter, materialize_adapter, resolve_model
     from tasks.stage import materialize_input
     from tasks.store import ArtifactStore
 
     tracking_uri = _tracking_uri(args, home)
+    store = ArtifactStore(str(home / "artifacts"))
     try:
         raw = resolve_model(args.model, tracking_uri)
-        local = materialize_external(raw, tracking_uri)
+        local = Path(materialize_input(store, raw, tracking_uri))  # as a stage reads it (a .gguf converted first)
         if is_adapter(local):  # a LoRA output: merged into its base first
-            store = ArtifactStore(str(home / "artifacts"))
-            local = materialize_adapter(Path(local), raw["digest"], lambda base: materialize_input(store, base,
-                                                                                                   tracking_uri))
+            local = materialize_adapter(local, raw["digest"], lambda base: materialize_input(store, base, tracking_uri))
         written = gguf.export(local, Path(args.gguf), args.type)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

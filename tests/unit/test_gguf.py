@@ -144,4 +144,7 @@ def test_the_export_command_writes_a_stage_output_as_gguf(tiny, tmp_path, monkey
     monkeypatch.setenv("POSTTRAIN_HOME", str(tmp_path / "home"))
     assert main(["export", str(tiny), "--gguf", str(tmp_path / "out.gguf"), "--type", "f32"]) == 0
     assert gguf.describe(tmp_path / "out.gguf")["quantization"] == "F32"
+    # a GGUF file in, another out: converted the way a stage reads it, then written again
+    assert main(["export", str(tmp_path / "out.gguf"), "--gguf", str(tmp_path / "again.gguf"), "--type", "f16"]) == 0
+    assert gguf.describe(tmp_path / "again.gguf")["quantization"] == "F16"
     assert main(["export", str(tmp_path / "no-model"), "--gguf", str(tmp_path / "x.gguf")]) == 2
