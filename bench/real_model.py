@@ -46,7 +46,7 @@ def stage(home: Path, name: str, overrides: list[str]) -> dict:
            str(summary)] + [a for o in overrides for a in ("--set", o)]
     wall, rss = run(cmd, env, home / f"{name}.log")
     found = next(s for s in json.loads(summary.read_text())["stages"] if s["name"] == name)
-    return {"seconds": found["seconds"], "tokens": found["metrics"]["train/tokens"], "peak_rss_mb": rss,
+    return {"seconds": found["seconds"], "tokens": found["metrics"].get("train/tokens"), "peak_rss_mb": rss,
             "command_seconds": wall, "output": found["output_uri"]}
 
 
