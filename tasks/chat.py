@@ -52,8 +52,9 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
 
 
 def _clean(messages: list[dict]) -> list[dict]:
-    """Messages as templates expect them: the null tool fields of canonical rows left out."""
-    return [{k: v for k, v in m.items() if v is not None} for m in messages]
+    """Messages as templates expect them: the null tool fields of canonical rows and the training weight left
+    out."""
+    return [{k: v for k, v in m.items() if v is not None and k != "weight"} for m in messages]
 
 
 _ASK = object()  # end_of_turn not given: found from the template
@@ -61,14 +62,16 @@ _ASK = object()  # end_of_turn not given: found from the template
 
 def assistant_spans(tokenizer, messages: list[dict], where: str, tools=None,
                     turn=_ASK) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant replies (each with its end-of-turn
-    token, not what follows it). `turn`: the template's end-of-turn token when the caller knows it already."""
+    """The rendered conversation and the character spans of its trained assistant replies (each with its
+    end-of-turn token, not what follows it); a reply with `weight: 0` is context. `turn`: the template's
+    end-of-turn token when the caller knows it already."""
+    context = [m.get("weight") == 0 for m in messages]
     messages = _clean(messages)
     full = _render(tokenizer, messages, tools=tools)
     turn = end_of_turn(tokenizer) if turn is _ASK else turn
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or context[i]:
             continue
         before = _render(tokenizer, messages[:i], generation_prompt=True, tools=tools) if i else ""
         through = _render(tokenizer, messages[: i + 1], tools=tools)

@@ -9,15 +9,20 @@ taken once over compact per-row arrays, and a second pass over the parts writes 
 
   <kind>/train-00000.parquet ...   training rows (`eval` kind: test-*.parquet), loaded by `load_split`
   <kind>/eval-00000.parquet ...    the held-out fraction of a training kind
-  stats.json                       every count (also the stage's MLflow metrics) and the resolved mixture
+  stats.json                       every count (also the stage's MLflow metrics), the resolved mixture, and
+                                   the boilerplate left out of decontamination and near-duplicate checks
   removed.jsonl                    a sample of the removed rows, with the reason and the row number
+  near_duplicates.jsonl            every near-duplicate removal: the row, the kept row it duplicates and
+                                   their Jaccard similarity (a sample of it is logged to MLflow)
 
 Every row keeps `task` (its source's tag), `source` (index in the kind's source list) and `row` (its row
 number there): the resolved mixture, row by row, is part of the output.
 
 Order of the filters, per kind: rows that teach nothing (too long; a preference pair whose chosen equals
-rejected) -> contaminated rows (training kinds) -> exact duplicates (keep the first) -> near duplicates
-(a row that shares an LSH band with an earlier kept row) -> sampling by weight -> split.
+rejected; an empty or whitespace reply; a demonstration whose every reply has weight 0) -> contaminated rows
+(training kinds: holding an evaluation n-gram that is not boilerplate) -> exact duplicates (keep the first)
+-> near duplicates (verified: Jaccard similarity to an earlier kept row at or above the threshold) ->
+sampling by weight -> split. tasks/dedup.py says how candidates are found and what boilerplate is.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import numpy as np
 from pydantic import Field
 
 from tasks.kinds import StageKind
-from tasks.shapes import DataError, Identical, normalize, prompt_text, row_text
+from tasks.shapes import DataError, EmptyReply, Identical, NothingTrained, normalize, prompt_text, row_text
 from tasks.training import Section
 
 logger = logging.getLogger("posttrain")
@@ -70,16 +75,24 @@ class DatasetSource(Section):
         if self.task:
             return self.task
         name = self.source.removeprefix("hf:").rstrip("/").split("?")[0]
-        return re.sub(r"\.(jsonl|ndjson|json|parquet|csv)$", "", name.rsplit("/", 1)[-1]) or name
+        return re.sub(r"\.(jsonl|ndjson|json|parquet|csv)(\.gz|\.zst|\.zstd)?$", "", name.rsplit("/", 1)[-1]) or name
 
 
 Sources = DatasetSource | list[DatasetSource] | None
 
 
 class NearDedupSettings(Section):
-    enabled: bool = Field(True, description="Drop near-duplicate rows (MinHash LSH over word shingles).")
-    threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard similarity of word-shingle sets above which two "
-                             "rows count as near duplicates (LSH bands are chosen for it).")
+    enabled: bool = Field(True, description="Drop near-duplicate rows: MinHash LSH over word shingles proposes "
+                          "candidates, the exact Jaccard similarity of their shingle sets decides.")
+    threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard similarity of word-shingle sets at or above which a "
+                             "row duplicates an earlier kept row (LSH bands are chosen to propose such pairs).")
+    compare: list[Literal["system", "user", "assistant", "tool"]] = Field(
+        ["user", "assistant"], min_length=1, description="The turns whose text is compared (a `text` row: its "
+        "text). System prompts are left out by default: rows share them by construction.")
+    boilerplate_fraction: float | None = Field(
+        0.1, gt=0, le=1, description="Shingles held by at least this fraction of a kind's rows (and by at least 20 "
+        "rows) are boilerplate — a template's fixed text, a shared preamble — and left out of the comparison; "
+        "they are counted in stats.json. null: compare every shingle.")
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations.")
     shingle: int = Field(3, ge=1, le=16, description="Words per shingle.")
     min_words: int = Field(
@@ -90,6 +103,11 @@ class NearDedupSettings(Section):
 class DecontaminationSettings(Section):
     enabled: bool = Field(True, description="Drop training rows that contain an evaluation prompt (the eval data "
                           "set and every benchmark file).")
+    boilerplate_fraction: float | None = Field(
+        0.05, gt=0, le=1, description="An evaluation n-gram that at least this fraction of a kind's training rows "
+        "hold (and at least 10 of them) is shared text — an instruction every row repeats — not evidence that a "
+        "row saw the benchmark: it is reported in stats.json and the log, and does not drop rows. null: every "
+        "evaluation n-gram convicts.")
     benchmarks: list[DatasetSource] = Field(
         default_factory=list, description="More evaluation sets to keep out of training (their `prompt`, or a "
         "conversation's user turns; `columns` renames, e.g. {question: prompt}).")
@@ -113,6 +131,9 @@ class DataConfig(Section):
         default_factory=DecontaminationSettings, description="Keep evaluation prompts out of training data.")
     min_rows: int = Field(1, ge=1, description="Refuse a training kind whose train split ends up with fewer rows "
                           "(after filtering, dedup and decontamination), with the counts.")
+    min_kept_fraction: float = Field(
+        0.05, ge=0, le=1, description="Refuse a training kind that keeps less than this fraction of the rows it read "
+        "(a set that deduplicates to almost nothing), with the counts.")
     workers: int = Field(0, ge=0, description="Processes that normalize and hash rows (0 = one per CPU core, at "
                          "most 8); a source of one batch is done in the stage's own process.")
     batch_rows: int = Field(2_000, ge=1, description="Rows per unit of work handed to a worker (memory in flight "
@@ -133,7 +154,10 @@ class DataConfig(Section):
 # ---- per-batch work (in a worker process) ----------------------------------------------------
 
 
-REASONS = ("too_long_removed", "identical_pairs_removed", "contaminated_removed")
+REASONS = ("too_long_removed", "identical_pairs_removed", "empty_replies_removed", "untrained_rows_removed",
+           "contaminated_removed")
+BATCH_REASONS = REASONS[:-1]  # decided per batch; contamination is decided per kind (boilerplate is left out)
+BOILERPLATE_MIN_ROWS = {"near": 20, "contamination": 10}
 
 
 @dataclass
@@ -144,7 +168,7 @@ class _Job:
     source_index: int
     src: dict  # source, tag, columns
     rows: list  # (row number, record or a JSONL line's bytes)
-    part: str  # where the batch's kept rows go (Parquet)
+    part: str  # where the batch's kept rows go (Parquet; near-duplicate shingles beside it)
     settings: dict
 
 
@@ -153,8 +177,8 @@ class _Removed:
 
     def __init__(self, kind: str, source: str):
         self.kind, self.source = kind, source
-        self.counts = dict.fromkeys(REASONS, 0)
-        self.first_rows: dict[str, list[int]] = {reason: [] for reason in REASONS}
+        self.counts = dict.fromkeys(BATCH_REASONS, 0)
+        self.first_rows: dict[str, list[int]] = {reason: [] for reason in BATCH_REASONS}
         self.samples: list[dict] = []
 
     def add(self, reason: str, number: int, text: str, detail: str) -> None:
@@ -182,9 +206,18 @@ def _uses_tools(row: dict) -> bool:
                                          for m in row.get(field) or ())
 
 
+def compared_text(row: dict, roles: list[str]) -> str:
+    """What near-duplicate detection compares: a text row's text, or the content of the turns in `roles`."""
+    if "text" in row:
+        return row["text"]
+    return "\n".join(m["content"] for field in ("prompt", "completion", "chosen", "rejected")
+                     for m in row.get(field) or () if m["role"] in roles)
+
+
 def process_batch(job: _Job) -> dict:
-    """Normalize one batch, drop what teaches nothing and what is contaminated, hash the rest for the
-    duplicate decisions, and write the rows as a Parquet part. Returns counts, samples and per-row arrays."""
+    """Normalize one batch, drop what teaches nothing, find the evaluation n-grams each row holds, hash the rows
+    for the duplicate decisions, and write the rows as a Parquet part (with their shingle sets beside it).
+    Returns counts, samples and per-row arrays."""
     import orjson
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -195,8 +228,8 @@ def process_batch(job: _Job) -> dict:
     s, near = job.settings, job.settings["near"] if job.kind != "eval" else None
     contamination = _CONTAMINATION if job.kind in TRAINING_KINDS else None
     removed = _Removed(job.kind, job.src["source"])
-    counts = {"rows_read": len(job.rows), "multi_turn_rows": 0, "tool_rows": 0}
-    kept, numbers, keys, word_lists, long_rows, prompts, chars = [], [], [], [], [], [], 0
+    counts = {"rows_read": len(job.rows), "multi_turn_rows": 0, "tool_rows": 0, "context_turn_rows": 0}
+    kept, numbers, keys, word_lists, long_rows, prompts, hits, chars = [], [], [], [], [], [], [], 0
     rows = job.rows
     if rows and isinstance(rows[0][1], bytes):
         rows = [(number, parse_line(job.src["source"], number, line)) for number, line in rows]
@@ -206,52 +239,67 @@ def process_batch(job: _Job) -> dict:
         except Identical:
             removed.add("identical_pairs_removed", number, json.dumps(record, ensure_ascii=False), "chosen == rejected")
             continue
+        except EmptyReply:
+            removed.add("empty_replies_removed", number, json.dumps(record, ensure_ascii=False),
+                        "an empty or whitespace reply")
+            continue
+        except NothingTrained:
+            removed.add("untrained_rows_removed", number, json.dumps(record, ensure_ascii=False),
+                        "every assistant turn has weight 0")
+            continue
         text = row_text(row)
         if job.kind not in ("eval", "text") and len(text) > s["max_chars"]:
             removed.add("too_long_removed", number, text, f"{len(text)} characters")
             continue
-        row_words = dedup.words(text) if (contamination or near) else None
+        row_words = dedup.words(text) if (contamination is not None or near) else None
         if contamination is not None:
             prompt_words = dedup.words(prompt_text(row)) if contamination.short and "prompt" in row else None
-            hit = contamination.match(row_words, prompt_words)
-            if hit is not None:
-                removed.add("contaminated_removed", number, text, f"contains {hit!r}")
-                continue
+            found = contamination.matches(row_words, prompt_words)
+            if found:
+                hits.append((len(kept), found))
         counts["multi_turn_rows"] += job.kind == "sft" and len(row["completion"]) > 1
+        counts["context_turn_rows"] += job.kind == "sft" and any(m["weight"] == 0 for m in row["completion"])
         counts["tool_rows"] += _uses_tools(row)
         chars += len(text)
         keys.append(dedup.exact_key(orjson.dumps(row, option=orjson.OPT_SORT_KEYS)))
         if job.kind == "eval":
             prompts.append(prompt_text(row))
-        if near and len(row_words) >= max(near["min_words"], near["shingle"]):
-            word_lists.append(row_words)
-            long_rows.append(len(kept))
+        if near:
+            compared = compared_text(row, near["compare"])
+            compared = row_words if compared == text else dedup.words(compared)
+            if len(compared) >= max(near["min_words"], near["shingle"]):
+                word_lists.append(compared)
+                long_rows.append(len(kept))
         row["task"], row["source"], row["row"] = job.src["tag"], job.source_index, number
         kept.append(row)
         numbers.append(number)
     if kept:
         pq.write_table(pa.Table.from_pylist(kept, schema=schema(job.kind)), job.part)
-    keys = np.array(keys, dtype=np.uint64)
-    bands = None
-    if near and kept:
-        # rows too short for near dedup get band values of their own (their exact key, mixed per band)
-        bands = np.stack([_uniform_bits(keys, band + 1) for band in range(near["bands"])], axis=1)
+    frequent = None
+    if near and kept:  # shingle sets (rows too short for near dedup have none), kept beside the part
+        sizes = np.zeros(len(kept), dtype=np.int64)
+        flat = np.zeros(0, dtype=np.uint64)
         if word_lists:
-            bands[long_rows] = dedup.band_hashes(word_lists, near["num_perm"], near["bands"], near["rows"],
-                                                 near["shingle"], s["seed"])
+            flat, sizes[long_rows] = dedup.shingle_sets(word_lists, near["shingle"])
+        np.save(job.part + ".shingles.npy", flat)
+        np.save(job.part + ".sizes.npy", sizes)
+        frequent = dedup.document_frequency(flat)
     return {"counts": {**counts, **removed.counts}, "first_rows": removed.first_rows, "samples": removed.samples,
-            "chars": chars, "keys": keys, "numbers": np.array(numbers, dtype=np.int64), "bands": bands,
-            "prompts": prompts, "part": job.part if kept else None, "source": job.source_index}
+            "chars": chars, "keys": np.array(keys, dtype=np.uint64), "numbers": np.array(numbers, dtype=np.int64),
+            "hits": hits, "frequent_shingles": frequent, "prompts": prompts, "part": job.part if kept else None,
+            "source": job.source_index}
 
 
-def schema(kind: str, tools: bool = True):
-    """A kind's columns; without `tools`, messages are plain {role, content} (what every chat template reads)."""
+def schema(kind: str, tools: bool = True, weights: bool = True):
+    """A kind's columns; without `tools` and `weights`, messages are plain {role, content} (what every chat
+    template reads); `weight` (0: a context turn, never trained) is kept when a row has one."""
     import pyarrow as pa
 
     call = pa.struct([("type", pa.string()),
                       ("function", pa.struct([("name", pa.string()), ("arguments", pa.string())]))])
     message = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())] + (
-        [("tool_calls", pa.list_(call)), ("tool_call_id", pa.string()), ("name", pa.string())] if tools else [])))
+        [("tool_calls", pa.list_(call)), ("tool_call_id", pa.string()), ("name", pa.string())] if tools else []) + (
+        [("weight", pa.int8())] if weights else [])))
     fields = {
         "sft": [("prompt", message), ("completion", message), ("tools", pa.string())],
         "preference": [("prompt", message), ("chosen", message), ("rejected", message), ("tools", pa.string())],
@@ -363,10 +411,11 @@ def prepare_data(cfg: DataConfig, out: Path, seed: int, revisions: dict[str, str
     if cfg.near_dedup.enabled:
         bands, rows = lsh_shape(cfg.near_dedup.threshold, cfg.near_dedup.num_perm)
         near = {"num_perm": cfg.near_dedup.num_perm, "bands": bands, "rows": rows, "shingle": cfg.near_dedup.shingle,
-                "min_words": cfg.near_dedup.min_words}
+                "min_words": cfg.near_dedup.min_words, "compare": list(cfg.near_dedup.compare)}
     settings = {"max_chars": cfg.max_chars, "near": near, "seed": seed}
     scratch = out / ".parts"
     scratch.mkdir(parents=True, exist_ok=True)
+    (scratch / "near_duplicates.jsonl").write_text("")
     sources = cfg.sources()
     order = [k for k in ("eval", *TRAINING_KINDS) if k in sources]
     stats: dict[str, dict] = {}
@@ -394,9 +443,10 @@ def prepare_data(cfg: DataConfig, out: Path, seed: int, revisions: dict[str, str
                         part += 1
 
             stats[kind], kind_prompts = _prepare_kind(kind, sources[kind], runner.map(jobs()), cfg, out, seed,
-                                                      removed)
+                                                      removed, near)
             if kind == "eval":
                 prompts += kind_prompts
+        os.replace(scratch / "near_duplicates.jsonl", out / "near_duplicates.jsonl")
     finally:
         if pool is not None:
             pool.close()
@@ -438,18 +488,19 @@ class _Gathered:
 
     def __init__(self, kind: str, sources: list[DatasetSource], removed: list[dict]):
         self.kind, self.removed = kind, removed
-        self.totals = dict.fromkeys(("rows_read", *REASONS, "multi_turn_rows", "tool_rows"), 0)
+        self.totals = dict.fromkeys(("rows_read", *REASONS, "multi_turn_rows", "context_turn_rows", "tool_rows"), 0)
         self.per_source = [{"source": s.source, "task": s.tag(), "weight": s.weight,
                             **dict.fromkeys(("rows_read", *REASONS), 0)} for s in sources]
         self.first_rows: dict[str, list[int]] = {reason: [] for reason in REASONS}
-        self.parts, self.prompts, self.chars = [], [], 0
-        self._keys, self._numbers, self._sources, self._bands = [], [], [], []
+        self.parts, self.prompts, self.chars, self.hits, self.frequent = [], [], 0, [], []
+        self._keys, self._numbers, self._sources = [], [], []
+        self.rows = 0
 
     def add(self, result: dict) -> None:
         for k in self.totals:
-            self.totals[k] += result["counts"][k]
+            self.totals[k] += result["counts"].get(k, 0)
         for k in self.per_source[result["source"]]:
-            if k in REASONS or k == "rows_read":
+            if k in BATCH_REASONS or k == "rows_read":
                 self.per_source[result["source"]][k] += result["counts"][k]
         for reason, rows in result["first_rows"].items():
             self.first_rows[reason] = (self.first_rows[reason] + rows)[:10]
@@ -459,37 +510,140 @@ class _Gathered:
                 self.removed.append(sample)
         self.chars += result["chars"]
         self.prompts += result["prompts"]
+        self.hits += [(self.rows + index, found) for index, found in result["hits"]]
+        if result["frequent_shingles"] is not None:
+            self.frequent.append(result["frequent_shingles"])
         if result["part"]:
             self.parts.append((result["part"], len(result["keys"])))
             self._keys.append(result["keys"])
             self._numbers.append(result["numbers"])
             self._sources.append(np.full(len(result["keys"]), result["source"], dtype=np.int32))
-            if result["bands"] is not None:
-                self._bands.append(result["bands"])
+            self.rows += len(result["keys"])
 
     def arrays(self):
-        """(exact keys, row numbers, source indices, LSH bands or None), one entry per kept row."""
+        """(exact keys, row numbers, source indices), one entry per row that passed the batch filters."""
         join = lambda chunks, dtype: np.concatenate(chunks) if chunks else np.zeros(0, dtype)  # noqa: E731
-        return (join(self._keys, np.uint64), join(self._numbers, np.int64), join(self._sources, np.int32),
-                np.concatenate(self._bands) if self._bands else None)
+        return join(self._keys, np.uint64), join(self._numbers, np.int64), join(self._sources, np.int32)
+
+    def rows_at(self, indices) -> dict[int, dict]:
+        """The stored rows at these indices (reading order), for samples."""
+        import pyarrow.parquet as pq
+
+        wanted, found, start = sorted(set(int(i) for i in indices)), {}, 0
+        for path, length in self.parts:
+            mine = [i for i in wanted if start <= i < start + length]
+            if mine:
+                table = pq.read_table(path)
+                for i in mine:
+                    found[i] = table.slice(i - start, 1).to_pylist()[0]
+            start += length
+        return found
 
 
-def _first_occurrences(keys: np.ndarray, bands: np.ndarray | None, exact: bool) -> tuple[np.ndarray, int, int]:
-    """(keep mask, exact duplicates, near duplicates): a row is kept when no earlier kept row equals it
-    (exact) or shares an LSH band with it (near)."""
-    keep = np.ones(len(keys), dtype=bool)
-    if exact and len(keys):
-        keep[:] = False
-        keep[np.unique(keys, return_index=True)[1]] = True
-    exact_removed, near_removed = int(len(keys) - keep.sum()), 0
-    if bands is not None and keep.any():
-        from tasks.dedup import near_duplicates
+def _contamination(gathered: _Gathered, cfg: DataConfig) -> tuple[np.ndarray, dict[int, str], list[dict]]:
+    """(mask of contaminated rows, the n-gram that convicts each, the boilerplate n-grams with their row
+    counts): an evaluation n-gram held by many training rows is shared text, not evidence."""
+    from collections import Counter
 
+    held = Counter(ngram for _, found in gathered.hits for ngram in found)
+    fraction = cfg.decontaminate.boilerplate_fraction
+    floor = max(fraction * gathered.rows, BOILERPLATE_MIN_ROWS["contamination"]) if fraction else float("inf")
+    shared = {ngram for ngram, rows in held.items() if rows >= floor}
+    contaminated, evidence = np.zeros(gathered.rows, dtype=bool), {}
+    for index, found in gathered.hits:
+        convicting = next((ngram for ngram in found if ngram not in shared), None)
+        if convicting is not None:
+            contaminated[index], evidence[index] = True, convicting
+    boilerplate = [{"ngram": ngram, "rows": held[ngram]} for ngram in sorted(shared, key=lambda g: -held[g])]
+    return contaminated, evidence, boilerplate
+
+
+class _NearDuplicates:
+    """Verified near-duplicate removal over a kind's stored shingle sets (tasks/dedup.py): boilerplate shingles
+    left out, LSH candidates among the rows still kept, each verified by exact Jaccard similarity."""
+
+    def __init__(self, gathered: _Gathered, near: dict, settings: NearDedupSettings, seed: int):
+        self.gathered, self.near, self.settings, self.seed = gathered, near, settings, seed
+        self.boilerplate = np.zeros(0, dtype=np.uint64)
+        self.candidates = 0
+        self.records: list[tuple[int, int, float]] = []  # (removed row, the kept row it duplicates, similarity)
+
+    def _load(self, path: str):
+        return np.load(path + ".shingles.npy", mmap_mode="r"), np.load(path + ".sizes.npy")
+
+    def _find_boilerplate(self) -> None:
+        from tasks import dedup
+
+        if not self.gathered.frequent or self.settings.boilerplate_fraction is None:
+            return
+        values = np.concatenate([v for v, _ in self.gathered.frequent])
+        counts = np.concatenate([c for _, c in self.gathered.frequent])
+        unique, inverse = np.unique(values, return_inverse=True)
+        totals = np.bincount(inverse, weights=counts)
+        documents = sum(int((self._load(path)[1] > 0).sum()) for path, _ in self.gathered.parts)
+        self.boilerplate = dedup.boilerplate(unique, totals, documents, self.settings.boilerplate_fraction,
+                                             BOILERPLATE_MIN_ROWS["near"])
+
+    def remove(self, keep: np.ndarray) -> np.ndarray:
+        """Mask of the rows in `keep` that duplicate an earlier kept row."""
+        from tasks import dedup
+
+        self._find_boilerplate()
+        sets, eligible, band_rows = [], [], []
+        start = 0
+        for path, length in self.gathered.parts:
+            flat, sizes = self._load(path)
+            if len(self.boilerplate):  # written back and mapped again: a kind's sets need not fit in memory
+                ordinary = ~np.isin(flat, self.boilerplate)
+                owner = np.repeat(np.arange(length), sizes)
+                sizes = np.bincount(owner[ordinary], minlength=length)
+                np.save(path + ".ordinary.npy", np.asarray(flat)[ordinary])
+                flat = np.load(path + ".ordinary.npy", mmap_mode="r")
+            offsets = np.concatenate([[0], np.cumsum(sizes)])
+            sets.append((flat, offsets))
+            mine = np.flatnonzero(keep[start: start + length] & (sizes > 0))
+            if len(mine):
+                chosen = np.concatenate([flat[offsets[i]: offsets[i + 1]] for i in mine])
+                band_rows.append(dedup.band_hashes(chosen, sizes[mine], self.near["num_perm"], self.near["bands"],
+                                                   self.near["rows"], self.seed))
+                eligible.append(mine + start)
+            start += length
+        duplicate = np.zeros(len(keep), dtype=bool)
+        if not eligible:
+            return duplicate
+        eligible = np.concatenate(eligible)
+        earlier, later, shared = dedup.candidate_pairs(np.concatenate(band_rows))
+        self.candidates = len(earlier)
+        starts = np.cumsum([0] + [length for _, length in self.gathered.parts])
+
+        def shingles(row: int) -> np.ndarray:
+            part = int(np.searchsorted(starts, row, side="right") - 1)
+            flat, offsets = sets[part]
+            local = row - starts[part]
+            return flat[offsets[local]: offsets[local + 1]]
+
+        order = np.lexsort((earlier, -shared, later))  # per later row: the pairs sharing the most bands first
+        threshold = self.settings.threshold
+        for e, l in zip(eligible[earlier[order]], eligible[later[order]]):
+            if duplicate[l] or duplicate[e]:
+                continue
+            similarity = dedup.jaccard(shingles(int(e)), shingles(int(l)))
+            if similarity >= threshold:
+                duplicate[l] = True
+                self.records.append((int(l), int(e), similarity))
+        return duplicate
+
+
+def _first_occurrences(keys: np.ndarray, keep: np.ndarray, exact: bool) -> tuple[np.ndarray, int]:
+    """(keep mask, exact duplicates): a row is kept when no earlier kept row equals it."""
+    keep = keep.copy()
+    if exact and keep.any():
         candidates = np.flatnonzero(keep)
-        near = near_duplicates(bands, candidates)
-        keep[candidates[near]] = False
-        near_removed = int(near.sum())
-    return keep, exact_removed, near_removed
+        firsts = candidates[np.unique(keys[candidates], return_index=True)[1]]
+        keep[:] = False
+        keep[firsts] = True
+        return keep, int(len(candidates) - len(firsts))
+    return keep, 0
 
 
 def _copies(keep: np.ndarray, source_of: np.ndarray, numbers: np.ndarray, sources: list[DatasetSource],
@@ -505,15 +659,26 @@ def _copies(keep: np.ndarray, source_of: np.ndarray, numbers: np.ndarray, source
     return copies
 
 
-def _prepare_kind(kind, sources, results, cfg: DataConfig, out: Path, seed: int, removed: list) -> tuple[dict, list]:
+def _prepare_kind(kind, sources, results, cfg: DataConfig, out: Path, seed: int, removed: list,
+                  near: dict | None) -> tuple[dict, list]:
     gathered = _Gathered(kind, sources, removed)
     for result in results:
         gathered.add(result)
     totals = gathered.totals
     if totals["rows_read"] == 0:
         raise DataError(f"{', '.join(s.source for s in sources)}: the data set is empty")
-    keys, numbers, source_of, bands = gathered.arrays()
-    keep, duplicates, near_removed = _first_occurrences(keys, bands, cfg.dedup)
+    keys, numbers, source_of = gathered.arrays()
+    contaminated, evidence, shared_ngrams = _contamination(gathered, cfg)
+    _count_removed(gathered, "contaminated_removed", np.flatnonzero(contaminated), source_of, numbers,
+                   lambda i: f"contains {evidence[i]!r}")
+    keep, duplicates = _first_occurrences(keys, ~contaminated, cfg.dedup)
+    near_removed, finder = 0, None
+    if near and kind != "eval" and keep.any():
+        finder = _NearDuplicates(gathered, near, cfg.near_dedup, seed)
+        duplicate = finder.remove(keep)
+        keep &= ~duplicate
+        near_removed = int(duplicate.sum())
+        _record_near_duplicates(gathered, finder, out, source_of, numbers)
     copies = _copies(keep, source_of, numbers, sources, seed)
     if kind == "eval":
         splits = {"test": copies}
@@ -522,8 +687,9 @@ def _prepare_kind(kind, sources, results, cfg: DataConfig, out: Path, seed: int,
         splits = {"train": np.where(held_out, 0, copies), "eval": np.where(held_out, copies, 0)}
     counts = {split: int(c.sum()) for split, c in splits.items()}
     reasons = (f"{totals['rows_read']} read, {totals['too_long_removed']} longer than data.max_chars={cfg.max_chars}, "
-               f"{totals['identical_pairs_removed']} pairs with chosen == rejected, {totals['contaminated_removed']} "
-               f"contaminated, {duplicates} exact and {near_removed} near duplicates")
+               f"{totals['identical_pairs_removed']} pairs with chosen == rejected, {totals['empty_replies_removed']} "
+               f"with an empty reply, {totals['untrained_rows_removed']} with every reply at weight 0, "
+               f"{totals['contaminated_removed']} contaminated, {duplicates} exact and {near_removed} near duplicates")
     main_split = "test" if kind == "eval" else "train"
     if counts[main_split] == 0 and int(copies.sum()) > 0:
         raise DataError(f"{kind}: every row went to the eval split; lower data.eval_fraction ({reasons})")
@@ -531,7 +697,13 @@ def _prepare_kind(kind, sources, results, cfg: DataConfig, out: Path, seed: int,
     if counts[main_split] < minimum:
         raise DataError(f"{kind} ({', '.join(s.source for s in sources)}): {counts[main_split]} {main_split} rows "
                         f"left, fewer than data.min_rows={minimum} ({reasons})")
-    _write_splits(out / kind, gathered.parts, splits, cfg.shard_rows, schema(kind, tools=totals["tool_rows"] > 0))
+    kept = int(keep.sum())
+    if kind != "eval" and kept < cfg.min_kept_fraction * totals["rows_read"]:
+        raise DataError(f"{kind} ({', '.join(s.source for s in sources)}): {kept} of {totals['rows_read']} rows read "
+                        f"kept ({kept / totals['rows_read']:.1%}), less than data.min_kept_fraction="
+                        f"{cfg.min_kept_fraction} ({reasons})")
+    _write_splits(out / kind, gathered.parts, splits, cfg.shard_rows,
+                  schema(kind, tools=totals["tool_rows"] > 0, weights=totals["context_turn_rows"] > 0))
 
     shares: dict[str, float] = {}
     for index, s in enumerate(gathered.per_source):
@@ -540,8 +712,53 @@ def _prepare_kind(kind, sources, results, cfg: DataConfig, out: Path, seed: int,
     stats = {**totals, "duplicates_removed": duplicates, "near_duplicates_removed": near_removed,
              **{f"{split}_rows": c for split, c in counts.items()}, "mean_chars": gathered.chars / max(1, len(keys)),
              "first_rows_removed": gathered.first_rows, "sources": gathered.per_source, "mixture_shares": shares}
+    if kind != "eval" and cfg.decontaminate.enabled:
+        stats["contamination_boilerplate_ngrams"] = len(shared_ngrams)
+        stats["contamination_boilerplate"] = shared_ngrams[:20]
+    if finder is not None:
+        stats["near_duplicate_candidates"] = finder.candidates
+        stats["near_dedup_boilerplate_shingles"] = int(len(finder.boilerplate))
     _log_kind(kind, reasons, counts, gathered.first_rows, removed)
+    for item in shared_ngrams[:3]:
+        logger.info("[prepare_data] %s: the evaluation n-gram %r is held by %d training rows: boilerplate, not "
+                    "contamination (data.decontaminate.boilerplate_fraction=%s)", kind, item["ngram"], item["rows"],
+                    cfg.decontaminate.boilerplate_fraction)
     return stats, gathered.prompts
+
+
+def _count_removed(gathered: _Gathered, reason: str, indices: np.ndarray, source_of: np.ndarray, numbers: np.ndarray,
+                   detail, partner=None) -> None:
+    """Counts, first row numbers and samples (with their text) of rows a whole-kind decision removed."""
+    gathered.totals[reason] = gathered.totals.get(reason, 0) + len(indices)
+    for index, per_source in enumerate(gathered.per_source):
+        per_source[reason] = per_source.get(reason, 0) + int((source_of[indices] == index).sum())
+    gathered.first_rows[reason] = [int(numbers[i]) for i in indices[:10]]
+    sampled = [int(i) for i in indices[:SAMPLES_PER_REASON]]
+    stored = gathered.rows_at(sampled + [partner(i) for i in sampled] if partner else sampled)
+    for i in sampled:
+        sample = {"reason": reason, "kind": gathered.kind, "source": gathered.per_source[source_of[i]]["source"],
+                  "row": int(numbers[i]), "detail": detail(i), "text": row_text(stored[i])[:300]}
+        if partner:
+            sample["duplicate_of_text"] = row_text(stored[partner(i)])[:300]
+        gathered.removed.append(sample)
+
+
+def _record_near_duplicates(gathered: _Gathered, finder: _NearDuplicates, out: Path, source_of: np.ndarray,
+                            numbers: np.ndarray) -> None:
+    """Every near-duplicate removal into near_duplicates.jsonl; counts and a sample (both texts) as for the other
+    reasons."""
+    records = sorted(finder.records)
+    where = lambda i: {"task": gathered.per_source[source_of[i]]["task"],  # noqa: E731
+                       "source": gathered.per_source[source_of[i]]["source"], "row": int(numbers[i])}
+    with open(out / ".parts" / "near_duplicates.jsonl", "a", encoding="utf-8") as f:
+        for removed_row, kept_row, similarity in records:
+            f.write(json.dumps({"kind": gathered.kind, **where(removed_row), "duplicate_of": where(kept_row),
+                                "similarity": round(similarity, 4)}, ensure_ascii=False) + "\n")
+    partner = {r: (k, sim) for r, k, sim in records}
+    indices = np.array([r for r, _, _ in records], dtype=np.int64)
+    _count_removed(gathered, "near_duplicates_removed", indices, source_of, numbers,
+                   lambda i: f"Jaccard {partner[i][1]:.3f} with row {int(numbers[partner[i][0]])} of "
+                   f"{gathered.per_source[source_of[partner[i][0]]]['source']}", partner=lambda i: partner[i][0])
 
 
 def _log_kind(kind: str, reasons: str, counts: dict, first_rows: dict, removed: list[dict]) -> None:

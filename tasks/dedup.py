@@ -1,16 +1,20 @@
 """Exact and near-duplicate detection and benchmark decontamination, in bulk over batches of rows.
 
-Near duplicates: MinHash signatures (rensa, a maintained Rust MinHash library, ~30x datasketch here) over
-word shingles, cut into LSH bands. Each batch yields its rows' band hashes; when every batch is in, a row
-is a near duplicate when it shares a band with an earlier row (`near_duplicates`). Deciding once over
-compact arrays, not in a growing index of objects, keeps memory at ~8 bytes per band per row and the
-decision independent of batch boundaries or of how many processes computed the signatures.
+Near duplicates are proposed, then verified. Each row's compared text (by default its user and assistant
+turns: what rows share by construction, a system prompt, is left out) becomes a set of word shingles;
+shingles that a large fraction of the rows hold (a template's fixed text, a chain-of-thought preamble) are
+boilerplate and left out as well (`boilerplate`). MinHash signatures of what is left (rensa, a maintained
+Rust MinHash library, ~30x datasketch here), cut into LSH bands chosen for recall, propose candidate pairs
+(`candidate_pairs`); a row is removed only when the exact Jaccard similarity of its shingle set to an earlier
+kept row's reaches the threshold (`jaccard`). The decisions are taken once over compact arrays, so they do
+not depend on batch boundaries or on how many processes computed the shingles.
 
 Contamination: an evaluation prompt of L words contaminates a training row that contains any of its
 n-grams with n = min(ngram, L) (so a ten-word question is caught when it appears whole, which 13-grams
 never do); prompts shorter than `min_words` are matched only against a training prompt equal to them
-(after lower-casing and dropping punctuation), since a two-word n-gram would match everything.
-Matching runs as one Aho-Corasick scan (pyahocorasick) per row.
+(after lower-casing and dropping punctuation), since a two-word n-gram would match everything. Matching
+runs as one Aho-Corasick scan (pyahocorasick) per row and reports every evaluation n-gram a row holds; the
+data stage then leaves out, as evidence, the n-grams that many training rows share (boilerplate).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import numpy as np
 PUNCTUATION = str.maketrans({c: " " for c in string.punctuation + "\u2018\u2019\u201c\u201d\u2013\u2014\u00bf\u00a1"})
 _MIX = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
                  0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x94D049BB133111EB, 0xBF58476D1CE4E5B9], dtype=np.uint64)
+CANDIDATES_PER_BAND = 16  # earlier rows of the same LSH bucket a row is paired with, nearest first
+HASH_BITS = 48  # of a shingle hash: a collision inside two documents' shingles is ~1e-10 at 200 shingles
 
 
 def words(text: str) -> list[str]:
@@ -35,39 +41,86 @@ def exact_key(canonical: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(canonical, digest_size=8).digest(), "little")
 
 
-def lsh_shape(threshold: float, num_perm: int) -> tuple[int, int]:
-    """(bands, rows per band) whose S-curve best separates pairs above and below the Jaccard threshold:
-    the least false-positive plus false-negative probability mass, the criterion datasketch's MinHashLSH
-    uses (its helper is private, so it is restated here)."""
+def lsh_shape(threshold: float, num_perm: int, recall: float = 0.99) -> tuple[int, int]:
+    """(bands, rows per band) for candidate proposal: among the shapes that propose a pair at the threshold
+    with probability >= `recall`, the one that proposes the fewest pairs below it (the least false-positive
+    area of its S-curve). Recall is favoured because every candidate is verified afterwards."""
     grid = np.linspace(0.0, 1.0, 201)
-    best, best_error = (1, num_perm), float("inf")
+    best, best_area = (num_perm, 1), float("inf")
     for bands in range(1, num_perm + 1):
         rows = num_perm // bands
-        if rows == 0:
-            break
+        if 1.0 - (1.0 - threshold ** rows) ** bands < recall:
+            continue
         p = 1.0 - (1.0 - grid ** rows) ** bands
-        error = np.trapezoid(np.where(grid < threshold, p, 0.0), grid) + np.trapezoid(
-            np.where(grid >= threshold, 1.0 - p, 0.0), grid)
-        if error < best_error:
-            best, best_error = (bands, rows), error
+        area = np.trapezoid(np.where(grid < threshold, p, 0.0), grid)
+        if area < best_area:
+            best, best_area = (bands, rows), area
     return best
 
 
-def band_hashes(word_lists: list[list[str]], num_perm: int, bands: int, rows: int, shingle: int,
-                seed: int) -> np.ndarray:
-    """(len(word_lists), bands) uint64 LSH band hashes of each document's word-shingle MinHash; every
-    document has at least `shingle` words."""
+def shingle_sets(word_lists: list[list[str]], shingle: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each document's set of word-shingle hashes, sorted (flat uint64), and the set sizes; every document
+    has at least `shingle` words."""
     import rensa
 
     token_hashes = rensa.RMinHash.hash_token_sets(word_lists)
     lengths = np.fromiter((len(t) for t in token_hashes), dtype=np.int64, count=len(token_hashes))
     flat = np.fromiter(itertools.chain.from_iterable(token_hashes), dtype=np.uint64, count=int(lengths.sum()))
-    shingles, shingle_lengths = _shingle(flat, lengths, shingle)
+    flat, lengths = _shingle(flat, lengths, shingle)
+    return unique_per_document(flat, lengths)
+
+
+def unique_per_document(flat: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct values per document (flat; kept to their low HASH_BITS bits), and their counts. One sort
+    of (document, value) packed into a uint64, chunk by chunk of documents: several times faster than a
+    lexsort."""
+    mask = np.uint64((1 << HASH_BITS) - 1)
+    chunk = 1 << (64 - HASH_BITS)
+    values, counts = [], []
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    for first in range(0, len(lengths), chunk):
+        last = min(first + chunk, len(lengths))
+        doc = np.repeat(np.arange(last - first, dtype=np.uint64), lengths[first:last])
+        packed = _sorted_distinct((doc << np.uint64(HASH_BITS)) | (flat[starts[first]: starts[last]] & mask))
+        values.append(packed & mask)
+        counts.append(np.bincount((packed >> np.uint64(HASH_BITS)).astype(np.int64), minlength=last - first))
+    if not values:
+        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(values), np.concatenate(counts).astype(np.int64)
+
+
+def _sorted_distinct(values: np.ndarray) -> np.ndarray:
+    """np.unique by one in-place sort (numpy's hash-based unique is several times slower on uint64 here)."""
+    values = np.sort(values)
+    first = np.ones(len(values), dtype=bool)
+    first[1:] = values[1:] != values[:-1]
+    return values[first]
+
+
+def document_frequency(flat: np.ndarray, at_least: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(values, number of documents holding each) over per-document-unique values, those held by at least
+    `at_least` documents."""
+    values = np.sort(flat)
+    starts = np.flatnonzero(np.concatenate([[True], values[1:] != values[:-1]]))
+    counts = np.diff(np.concatenate([starts, [len(values)]]))
+    common = counts >= at_least
+    return values[starts[common]], counts[common]
+
+
+def boilerplate(values: np.ndarray, counts: np.ndarray, documents: int, fraction: float, floor: int) -> np.ndarray:
+    """The values held by at least `fraction` of `documents` (and by at least `floor` of them)."""
+    return np.sort(values[counts >= max(fraction * documents, floor)])
+
+
+def band_hashes(flat: np.ndarray, lengths: np.ndarray, num_perm: int, bands: int, rows: int, seed: int) -> np.ndarray:
+    """(documents, bands) uint64 LSH band hashes of each shingle set's MinHash; every set is non-empty."""
+    import rensa
+
     offsets = np.zeros(len(lengths) + 1, dtype=np.uint64)
-    np.cumsum(shingle_lengths, out=offsets[1:])
-    matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(shingles, offsets, num_perm, seed)
-    signatures = np.array(matrix.to_rows(), dtype=np.uint64).reshape(len(word_lists), num_perm)
-    banded = signatures[:, : bands * rows].reshape(len(word_lists), bands, rows)
+    np.cumsum(lengths, out=offsets[1:])
+    matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(flat, offsets, num_perm, seed)
+    signatures = np.array(matrix.to_rows(), dtype=np.uint64).reshape(len(lengths), num_perm)
+    banded = signatures[:, : bands * rows].reshape(len(lengths), bands, rows)
     with np.errstate(over="ignore"):
         mixed = (banded * _MIX[np.arange(rows) % len(_MIX)]).sum(axis=2, dtype=np.uint64)
         mixed ^= mixed >> np.uint64(31)
@@ -92,17 +145,35 @@ def _shingle(flat: np.ndarray, lengths: np.ndarray, k: int) -> tuple[np.ndarray,
     return window[np.arange(len(flat)) + k <= ends], lengths - k + 1
 
 
-def near_duplicates(bands: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    """Mask over `candidates` (row indices in reading order): rows that share an LSH band with an earlier
-    candidate row."""
-    duplicate = np.zeros(len(candidates), dtype=bool)
+def candidate_pairs(bands: np.ndarray, per_band: int = CANDIDATES_PER_BAND) -> tuple[np.ndarray, np.ndarray,
+                                                                                      np.ndarray]:
+    """(earlier, later, shared bands) of the row pairs (indices into `bands`, reading order) that share an LSH
+    band: each row with up to `per_band` of the rows before it in each bucket, nearest first."""
+    earlier, later = [], []
     for band in range(bands.shape[1]):
-        values = bands[candidates, band]
+        values = bands[:, band]
         order = np.argsort(values, kind="stable")
-        same_as_previous = np.zeros(len(order), dtype=bool)
-        same_as_previous[1:] = values[order][1:] == values[order][:-1]
-        duplicate[order[same_as_previous]] = True
-    return duplicate
+        ordered = values[order]
+        for d in range(1, per_band + 1):
+            same = ordered[d:] == ordered[:-d]
+            if not same.any():
+                break
+            earlier.append(order[:-d][same])
+            later.append(order[d:][same])
+    if not earlier:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    pairs = np.stack([np.concatenate(earlier), np.concatenate(later)], axis=1)
+    pairs, shared = np.unique(pairs, axis=0, return_counts=True)
+    return pairs[:, 0], pairs[:, 1], shared
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Jaccard similarity of two sorted sets of distinct values."""
+    if not len(a) or not len(b):
+        return 0.0
+    both = len(np.intersect1d(a, b, assume_unique=True))
+    return both / (len(a) + len(b) - both)
 
 
 class Contamination:
@@ -133,11 +204,11 @@ class Contamination:
     def __bool__(self) -> bool:
         return bool(self.patterns or self.short)
 
-    def match(self, row_words: list[str], prompt_words: list[str] | None) -> str | None:
-        """The evaluation n-gram (or short prompt) the row contains, or None."""
+    def matches(self, row_words: list[str], prompt_words: list[str] | None) -> list[str]:
+        """Every evaluation n-gram (or short prompt) the row contains."""
+        found = []
         if self.short and prompt_words is not None and " ".join(prompt_words) in self.short:
-            return " ".join(prompt_words)
+            found.append(" ".join(prompt_words))
         if self.patterns:
-            for _, pattern in self.automaton.iter(" " + " ".join(row_words) + " "):
-                return pattern.strip()
-        return None
+            found += dict.fromkeys(p.strip() for _, p in self.automaton.iter(" " + " ".join(row_words) + " "))
+        return found

@@ -98,12 +98,17 @@ def sft_trainer(cfg: SFTStageConfig, data: Path, base: Path, scratch: Path, seed
     if train is None:
         raise ValueError("sft: the prepared data has no sft/train split; set data.sft in the recipe")
     assistant_only = cfg.assistant_only_loss
+    stats = json.loads((Path(data) / "stats.json").read_text()).get("sft", {})
+    context_turns = stats.get("context_turn_rows", 0) > 0  # replies with weight 0 inside a completion
     if assistant_only == "auto":
-        stats = json.loads((Path(data) / "stats.json").read_text()).get("sft", {})
         assistant_only = stats.get("multi_turn_rows", 0) > 0
+    if context_turns and not assistant_only:
+        raise ValueError(f"sft.assistant_only_loss: {stats['context_turn_rows']} rows have assistant turns with "
+                         "weight 0 inside their completion, which only the assistant-only loss leaves untrained; "
+                         "set it to true or auto")
     tokenizer = load_tokenizer(base, trust_remote_code)
-    by_rendering = assistant_only and not has_generation_markers(tokenizer)
-    if by_rendering:  # the template has no {% generation %} markers: the assistant's tokens found by rendering
+    by_rendering = assistant_only and (context_turns or not has_generation_markers(tokenizer))
+    if by_rendering:  # no {% generation %} markers, or replies with weight 0: the trained tokens found by rendering
         train = assistant_only_dataset(train, tokenizer)
     logger.info("sft: loss on %s", "the assistant turns (found by rendering the template; tasks/chat.py)"
                 if by_rendering else "the assistant turns (the template's generation markers)" if assistant_only

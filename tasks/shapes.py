@@ -13,25 +13,35 @@ free-form objects):
 
 Accepted input shapes (recognised by their columns; `columns:` in the recipe renames first):
 
-  prompt/completion (strings or message lists) · chat `messages` · `prompt` + `messages` (UltraChat) ·
+  prompt/completion (strings or message lists) · chat `messages` (OpenAI fine-tuning rows included: an
+  assistant turn with `weight: 0` is context, never trained) · `prompt` + `messages` (UltraChat) ·
   preference with an explicit prompt, with chosen/rejected conversations that repeat it (UltraFeedback
-  binarized), or with no prompt at all (TRL's implicit prompt: the shared prefix of chosen and rejected) ·
-  unpaired prompt/completion/label · `text` · alpaca `instruction`/`input`/`output` (prompt = instruction,
-  then a blank line and the input when there is one) · ShareGPT `conversations` of {from, value} (human ->
-  user, gpt -> assistant, system, function_call -> assistant tool call, observation/tool -> tool) · a
-  `tools` column (JSON schemas of the callable tools) is kept beside the messages.
+  binarized), with no prompt at all (TRL's `extract_prompt`: the longest common prefix of chosen and
+  rejected is the prompt), as Anthropic HH-RLHF transcripts ("\n\nHuman: ... \n\nAssistant: ..."), or as
+  strings that start with the row's prompt (stripped) · unpaired prompt/completion/label · `text` · alpaca
+  `instruction`/`input`/`output` (prompt = instruction, then a blank line and the input when there is one) ·
+  ShareGPT `conversations` of {from, value} (human -> user, gpt -> assistant, system, function_call ->
+  assistant tool call, observation/tool -> tool) · a `tools` column (JSON schemas of the callable tools) is
+  kept beside the messages.
+
+Rows that teach nothing are not errors: they are dropped and counted by the data stage. `Identical`: a
+preference pair whose replies are the same; `EmptyReply`: an assistant reply that is empty or whitespace (in
+any shape: a message, a completion string, chosen or rejected, alpaca's output); `NothingTrained`: every
+assistant turn of a demonstration has `weight: 0`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
                   "system": "system", "observation": "tool", "tool": "tool", "function_response": "tool",
                   "function_call": "assistant"}
-MESSAGE_FIELDS = ("role", "content", "tool_calls", "tool_call_id", "name")
+MESSAGE_FIELDS = ("role", "content", "tool_calls", "tool_call_id", "name", "weight")
+HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant): ?")
 
 
 class DataError(ValueError):
@@ -40,6 +50,14 @@ class DataError(ValueError):
 
 class Identical(Exception):
     """A preference pair whose chosen and rejected replies are the same: it teaches nothing."""
+
+
+class EmptyReply(Exception):
+    """An assistant reply that is empty or whitespace: it teaches the model to say nothing."""
+
+
+class NothingTrained(Exception):
+    """A demonstration whose assistant turns all have weight 0: nothing in it is trained."""
 
 
 def _text(record: dict, field: str, where: str, allow_empty: bool = False) -> str:
@@ -55,7 +73,16 @@ def _text(record: dict, field: str, where: str, allow_empty: bool = False) -> st
 
 def _message(role: str, content: str, **extra) -> dict:
     return {"role": role, "content": content, "tool_calls": extra.get("tool_calls"),
-            "tool_call_id": extra.get("tool_call_id"), "name": extra.get("name")}
+            "tool_call_id": extra.get("tool_call_id"), "name": extra.get("name"), "weight": extra.get("weight")}
+
+
+def _weight(value, where: str) -> int | None:
+    """OpenAI's per-turn `weight`: 0 (context) or 1 (trained); absent means trained."""
+    if value is None:
+        return None
+    if value not in (0, 1) or isinstance(value, bool):
+        raise DataError(f"{where}: 'weight' must be 0 or 1, got {value!r}")
+    return int(value)
 
 
 def _tool_calls(value, where: str) -> list[dict] | None:
@@ -92,8 +119,27 @@ def messages(value, field: str, where: str) -> list[dict]:
         if not isinstance(content, str):
             raise DataError(f"{at} must be an object with string 'role' and 'content'")
         out.append(_message(m["role"], content, tool_calls=calls, tool_call_id=m.get("tool_call_id"),
-                            name=m.get("name")))
+                            name=m.get("name"), weight=_weight(m.get("weight"), at)))
     return out
+
+
+def _no_empty_replies(conversation: list[dict]) -> list[dict]:
+    if any(m["role"] == "assistant" and not m["content"].strip() and not m["tool_calls"] for m in conversation):
+        raise EmptyReply
+    return conversation
+
+
+def hh_transcript(text: str, field: str, where: str) -> list[dict]:
+    """An Anthropic HH-RLHF transcript ("\n\nHuman: ... \n\nAssistant: ...") as messages."""
+    parts = HH_TURN.split(text)
+    if parts[0].strip():
+        raise DataError(f"{where}: field '{field}' has text before its first 'Human:' turn")
+    return [_message("user" if who == "Human" else "assistant", said.strip())
+            for who, said in zip(parts[1::2], parts[2::2])]
+
+
+def is_hh_transcript(value) -> bool:
+    return isinstance(value, str) and value.lstrip(" ").startswith(("\n\nHuman:", "Human:")) and "Assistant:" in value
 
 
 def _sharegpt(value, where: str) -> list[dict]:
@@ -124,14 +170,14 @@ def _prompt(record: dict, where: str) -> list[dict]:
     return [_message("user", _text(record, "prompt", where))]
 
 
-def _reply(record: dict, field: str, where: str, allow_empty: bool = False) -> list[dict]:
+def _reply(record: dict, field: str, where: str) -> list[dict]:
     value = record.get(field)
     if isinstance(value, list):
         msgs = messages(value, field, where)
         if msgs[-1]["role"] != "assistant":
             raise DataError(f"{where}: field '{field}' must end with an assistant message")
-        return msgs
-    return [_message("assistant", _text(record, field, where, allow_empty))]
+        return _no_empty_replies(msgs)
+    return _no_empty_replies([_message("assistant", _text(record, field, where, allow_empty=True))])
 
 
 def _conversation(record: dict, where: str) -> list[dict] | None:
@@ -151,16 +197,21 @@ def _conversation(record: dict, where: str) -> list[dict] | None:
         if extra is not None and not isinstance(extra, str):
             raise DataError(f"{where}: field 'input' must be a string, got {type(extra).__name__}")
         prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
-        return [_message("user", prompt), _message("assistant", _text(record, "output", where))]
+        return [_message("user", prompt), _message("assistant", _text(record, "output", where, allow_empty=True))]
     return None
 
 
 def _split_at_first_reply(conv: list[dict], where: str, field: str) -> tuple[list[dict], list[dict]]:
-    first = next((i for i, m in enumerate(conv) if m["role"] == "assistant"), None)
-    last = max((i for i, m in enumerate(conv) if m["role"] == "assistant"), default=None)
-    if first is None or first == 0 or not any(m["role"] == "user" for m in conv[:first]):
+    """(prompt, completion): the completion runs from the first trained assistant turn to the last one; turns
+    with weight 0 before it are prompt, after it they teach nothing and are left out."""
+    replies = [i for i, m in enumerate(conv) if m["role"] == "assistant"]
+    if not replies or not any(m["role"] == "user" for m in conv[:replies[0]]):
         raise DataError(f"{where}: field '{field}' needs a user turn followed by an assistant turn")
-    return conv[:first], conv[first:last + 1]
+    _no_empty_replies(conv)
+    trained = [i for i in replies if conv[i]["weight"] != 0]
+    if not trained:
+        raise NothingTrained
+    return conv[:trained[0]], conv[trained[0]:trained[-1] + 1]
 
 
 def _same(a: list[dict], b: list[dict]) -> bool:
@@ -170,12 +221,25 @@ def _same(a: list[dict], b: list[dict]) -> bool:
 
 def _preference(record: dict, where: str) -> dict:
     chosen_raw, rejected_raw = record.get("chosen"), record.get("rejected")
+    if is_hh_transcript(chosen_raw) and is_hh_transcript(rejected_raw):
+        chosen_raw, rejected_raw = hh_transcript(chosen_raw, "chosen", where), hh_transcript(rejected_raw, "rejected", where)
+        if is_hh_transcript(record.get("prompt")):  # a prompt column cut from the same transcript
+            prompt = hh_transcript(record["prompt"], "prompt", where)
+            record = {**record, "prompt": prompt[:-1] if prompt and prompt[-1]["role"] == "assistant"
+                      and not prompt[-1]["content"] else prompt}
+    elif isinstance(chosen_raw, str) and isinstance(rejected_raw, str) and isinstance(record.get("prompt"), str):
+        prompt = record["prompt"]
+        if prompt.strip() and chosen_raw.startswith(prompt) and rejected_raw.startswith(prompt):
+            record = {**record, "chosen": chosen_raw[len(prompt):].lstrip(), "rejected":
+                      rejected_raw[len(prompt):].lstrip()}  # the prompt repeated inside what DPO scores
     if isinstance(chosen_raw, list) and isinstance(rejected_raw, list):
         chosen, rejected = messages(chosen_raw, "chosen", where), messages(rejected_raw, "rejected", where)
-        shared = 0  # the prompt turns chosen and rejected repeat (UltraFeedback) or hold alone (implicit prompt)
-        while (shared < min(len(chosen), len(rejected)) and chosen[shared]["role"] != "assistant"
-               and _same([chosen[shared]], [rejected[shared]])):
+        shared = 0  # the longest common prefix of turns is the prompt (TRL's extract_prompt)
+        while shared < min(len(chosen), len(rejected)) and _same([chosen[shared]], [rejected[shared]]):
             shared += 1
+        if shared and chosen[shared - 1]["role"] == "assistant" and (
+                shared == len(chosen) or shared == len(rejected)):
+            shared -= 1  # replies that are equal up to one's end: keep the last shared reply as a reply
         if shared:
             prefix = chosen[:shared]
             if "prompt" in record and record["prompt"] is not None:
@@ -186,17 +250,15 @@ def _preference(record: dict, where: str) -> dict:
             chosen, rejected = chosen[shared:], rejected[shared:]
             if chosen and rejected and _same(chosen, rejected):
                 raise Identical
+            _no_empty_replies(chosen + rejected)
             for field, reply in (("chosen", chosen), ("rejected", rejected)):
                 if not reply or reply[-1]["role"] != "assistant" or reply[0]["role"] != "assistant":
                     raise DataError(f"{where}: field '{field}' must be assistant turns after the shared prompt")
             return {"prompt": prefix, "chosen": chosen, "rejected": rejected}
         if "prompt" not in record:
             raise DataError(f"{where}: field 'prompt' is missing, and 'chosen'/'rejected' share no prompt turns")
-    row = {  # an empty rejected reply is real data: a model that says nothing, ranked below an answer
-        "prompt": _prompt(record, where),
-        "chosen": _reply(record, "chosen", where),
-        "rejected": _reply(record, "rejected", where, allow_empty=True),
-    }
+    row = {"prompt": _prompt(record, where), "chosen": _reply(record, "chosen", where),
+           "rejected": _reply(record, "rejected", where)}
     if _same(row["chosen"], row["rejected"]):
         raise Identical
     return row
@@ -233,7 +295,11 @@ def normalize(kind: str, record: Any, where: str) -> dict:
                                                        "conversations" if "conversations" in record else "output")
             row = {"prompt": prompt, "completion": completion}
         else:
-            row = {"prompt": _prompt(record, where), "completion": _reply(record, "completion", where)}
+            prompt, completion = _prompt(record, where), _reply(record, "completion", where)
+            trained = [i for i, m in enumerate(completion) if m["role"] == "assistant" and m["weight"] != 0]
+            if not trained:
+                raise NothingTrained
+            row = {"prompt": prompt + completion[:trained[0]], "completion": completion[trained[0]:trained[-1] + 1]}
         return {**row, "tools": _tools(record, where)}
     if kind == "preference":
         return {**_preference(record, where), "tools": _tools(record, where)}

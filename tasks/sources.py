@@ -1,9 +1,10 @@
 """Reading a data source as a stream of row batches, and fingerprinting it without reading it twice.
 
 A source is a local path or fsspec URI (s3://...) to JSONL, JSON, Parquet or CSV; a Hugging Face data set
-(`hf:org/name`, or a `save_to_disk` folder); or `synthetic:arithmetic/<part>` for the demo. JSONL, Parquet,
-CSV and Hugging Face data sets stream in batches; a JSON array file is parsed whole (use JSONL or Parquet
-for big data).
+(`hf:org/name`, or a `save_to_disk` folder, recognized by its files); or `synthetic:arithmetic/<part>` for the
+demo. JSONL, JSON and CSV files may be compressed with gzip or zstd (`.jsonl.gz`, `.jsonl.zst`; a compressed
+file is also recognized by its first bytes whatever its name or `format`). JSONL, Parquet, CSV and Hugging Face
+data sets stream in batches; a JSON array file is parsed whole (use JSONL or Parquet for big data).
 
 Fingerprints (the source's part of the prepare_data cache key) come from metadata that changes when the
 content does: a local file's SHA-256, computed once and remembered by path, size and modification time
@@ -26,6 +27,9 @@ logger = logging.getLogger("posttrain")
 BATCH_ROWS = 2_000
 FILE_FORMATS = ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "json"), (".parquet", "parquet"),
                 (".csv", "csv"))
+COMPRESSIONS = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd"}  # by magic bytes
+COMPRESSED_SUFFIXES = (".gz", ".gzip", ".zst", ".zstd")
+SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
 
 
 def format_of(source: str, declared: str = "auto") -> str:
@@ -36,11 +40,20 @@ def format_of(source: str, declared: str = "auto") -> str:
     if source.startswith("hf:"):
         return "hf"
     name = source.split("?")[0].lower()
+    for suffix in COMPRESSED_SUFFIXES:
+        name = name.removesuffix(suffix)
     for ext, fmt in FILE_FORMATS:
         if name.endswith(ext):
             return fmt
+    if Path(source).is_dir():
+        if any((Path(source) / f).exists() for f in SAVED_DATASET_FILES):
+            return "hf"
+        raise DataError(f"{source}: a folder, and not one `datasets.save_to_disk` wrote (it would hold "
+                        f"{' or '.join(SAVED_DATASET_FILES)}); name the data file itself (JSONL, JSON, Parquet, CSV, "
+                        "optionally .gz/.zst), or list several files as a mixture")
     if "://" in source or Path(source).exists() or source.startswith(("/", ".")):
-        raise DataError(f"{source}: cannot tell the format from the extension; set `format`")
+        raise DataError(f"{source}: cannot tell the format from the extension; set `format` (jsonl, json, parquet, "
+                        "csv, hf)")
     return "hf"
 
 
@@ -91,13 +104,25 @@ def _chunks(rows, size: int):
         yield batch
 
 
-def _open(uri: str):
+def _open(uri: str, decompress: bool = True):
+    """The file's bytes; gzip or zstd content (told by its first bytes) decompressed on the fly."""
     import fsspec
 
     try:
-        return fsspec.open(uri, "rb").open()
+        f = fsspec.open(uri, "rb").open()
     except FileNotFoundError:
         raise DataError(f"{uri}: file not found") from None
+    if not decompress:
+        return f
+    magic = f.read(4)
+    f.seek(0)
+    compression = next((c for m, c in COMPRESSIONS.items() if magic.startswith(m)), None)
+    if compression is None:
+        return f
+    f.close()
+    import io
+
+    return io.BufferedReader(fsspec.open(uri, "rb", compression=compression).open())  # zstd's reader has no lines
 
 
 def _jsonl_batches(uri: str, batch_rows: int, raw_lines: bool):
@@ -158,7 +183,7 @@ def _read_json(uri: str) -> list:
 def _parquet_batches(uri: str, batch_rows: int):
     import pyarrow.parquet as pq
 
-    with _open(uri) as f:
+    with _open(uri, decompress=False) as f:
         try:
             reader = pq.ParquetFile(f)
         except Exception as e:  # pyarrow raises several types for an unreadable file

@@ -70,7 +70,7 @@ def _mistakes(a: int, b: int, rng: random.Random) -> list[str]:
     candidates = [s - 10 if s >= 10 else s + 10, s - 1, s + 1, s - 2, s + 2,
                   rng.choice([n for n in range(19) if n != s])]
     wrong = [str(n) for n in dict.fromkeys(n for n in candidates if n >= 0)]
-    return wrong + [rng.choice(("", "?", "I don't know.", f"{s} {s}"))]
+    return wrong + [rng.choice(("Hmm.", "?", "I don't know.", f"{s} {s}"))]
 
 
 def generate(

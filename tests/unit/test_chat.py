@@ -84,3 +84,22 @@ def test_the_demo_template_keeps_trls_marker_path():
 
     tokenizer = _tokenizer(CHAT_TEMPLATE, "<|im_end|>")
     assert has_generation_markers(tokenizer)
+
+
+def test_a_reply_with_weight_zero_is_context(tmp_path):
+    """An OpenAI fine-tuning row's `weight: 0` turn, as the data stage stores it, is not trained."""
+    import json
+
+    from tasks.data import DataConfig, DatasetSource, load_split, prepare_data
+
+    row = {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+                        {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 5.",
+                                                                       "weight": 0},
+                        {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "It is 4."}]}
+    (tmp_path / "openai.jsonl").write_text(json.dumps(row) + "\n")
+    prepare_data(DataConfig(sft=DatasetSource(source=str(tmp_path / "openai.jsonl")), eval_fraction=0.0,
+                            near_dedup={"enabled": False}), tmp_path / "out", 0)
+    stored = load_split(tmp_path / "out", "sft", "train")[0]
+    tokenizer = _tokenizer(CHATML, "<|im_end|>")
+    encoded = tokenize_assistant_only(tokenizer, stored["prompt"], stored["completion"], "row 1")
+    assert _trained(tokenizer, encoded) == ["Hello!<|im_end|>", "It is 4.<|im_end|>"]

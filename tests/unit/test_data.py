@@ -243,16 +243,6 @@ def test_preference_and_unpaired_errors_name_the_field(tmp_path):
         _prepare(tmp_path, unpaired=unpaired)
 
 
-def test_an_empty_rejected_reply_is_data_but_an_empty_chosen_one_is_an_error(tmp_path):
-    pref = _jsonl(tmp_path / "p.jsonl", [{"prompt": f"{i} + 1", "chosen": str(i + 1), "rejected": ""} for i in range(20)])
-    _, out = _prepare(tmp_path, preference=pref)
-    rows = _all_rows(out, "preference")
-    assert len(rows) == 20 and all(r["rejected"] == [bot("")] for r in rows)
-    bad = _jsonl(tmp_path / "q.jsonl", [{"prompt": "1 + 1", "chosen": " ", "rejected": "3"}])
-    with pytest.raises(DataError, match=r"q.jsonl: row 1: field 'chosen' is empty"):
-        _prepare(tmp_path, preference=bad)
-
-
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(DataError, match=r"nope.jsonl: file not found"):
         _prepare(tmp_path, sft=str(tmp_path / "nope.jsonl"))
@@ -290,9 +280,9 @@ def test_a_data_set_shrunk_below_the_minimum_is_refused_with_the_counts(tmp_path
     dup = _jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}] * 5 + [{"prompt": "c" * 5000,
                                                                                       "completion": "d"}])
     with pytest.raises(DataError, match=r"sft \(.*d.jsonl\): 1 train rows left, fewer than data.min_rows=3 \(6 read, "
-                       r"1 longer than data.max_chars=4000, 0 pairs with chosen == rejected, 0 contaminated, 4 exact "
-                       r"and 0 near duplicates\)"):
-        _prepare(tmp_path, sft=dup, settings={"min_rows": 3, "eval_fraction": 0.0})
+                       r"1 longer than data.max_chars=4000, 0 pairs with chosen == rejected, 0 with an empty reply, 0 "
+                       r"with every reply at weight 0, 0 contaminated, 4 exact and 0 near duplicates\)"):
+        _prepare(tmp_path, sft=dup, settings={"min_rows": 3, "eval_fraction": 0.0, "min_kept_fraction": 0.0})
     assert not [p for p in tmp_path.glob("out-0/**/*.parquet")]
 
 
@@ -490,7 +480,7 @@ def test_synthetic_task_is_deterministic_and_eval_prompts_are_held_out():
         assert row["chosen"] != row["rejected"]
     # The careful grader ranks the right sum above its neighbours and above non-answers.
     rejected = {row["rejected"] for row in pairs}
-    assert {"", "?", "I don't know."} <= rejected and {str(n) for n in range(19)} <= rejected
+    assert {"Hmm.", "?", "I don't know."} <= rejected and {str(n) for n in range(19)} <= rejected
     # The corpus holds training questions and counting runs only: never a question with its answer.
     questions = {r["prompt"] for r in synthetic.generate("sft")}
     for row in synthetic.generate("corpus"):
