@@ -47,7 +47,8 @@ def stage(home: Path, name: str, overrides: list[str]) -> dict:
     wall, rss = run(cmd, env, home / f"{name}.log")
     found = next(s for s in json.loads(summary.read_text())["stages"] if s["name"] == name)
     return {"seconds": found["seconds"], "tokens": found["metrics"].get("train/tokens"), "peak_rss_mb": rss,
-            "command_seconds": wall, "output": found["output_uri"]}
+            "command_seconds": wall, "output": found["output_uri"], "timings": found.get("timings", {}),
+            "trainer_seconds": found["metrics"].get("train/runtime_seconds")}
 
 
 def main() -> None:
@@ -93,6 +94,11 @@ def main() -> None:
                       f" tok/s, {staged['peak_rss_mb']:.0f} MB), bare {bare['seconds']:.1f} s "
                       f"({bare['tokens'] / bare['seconds']:.0f} tok/s, {bare_rss:.0f} MB), ratio "
                       f"{staged['seconds'] / bare['seconds']:.3f}", flush=True)
+                t = staged["timings"]
+                if t:
+                    print(f"  stage seconds: setup {t.get('setup', 0):.1f}, inputs {t.get('inputs', 0):.1f}, work "
+                          f"{t.get('work', 0):.1f} (trainer.train {staged['trainer_seconds'] or 0:.1f}), commit "
+                          f"{t.get('commit', 0):.1f}, the rest {staged['seconds'] - sum(t.values()):.1f}", flush=True)
             rounds.append(result)
         finally:
             stop_server(home)

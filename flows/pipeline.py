@@ -144,6 +144,7 @@ class _Runner:
             "output_digest": result["output"]["digest"],
             "mlflow_run_id": run_id,
             "seconds": round(seconds, 3),
+            "timings": result.get("timings", {}),
             "metrics": result["metrics"],
         })
         if node.kind.output in MODEL_OUTPUTS:

@@ -337,18 +337,19 @@ class _Pool:
         self.workers, self.init_args, self.executor = workers, init_args, None
         _set_contamination(*init_args)
 
-    def map(self, jobs):
+    def map(self, jobs, work=None):
+        work = work or process_batch
         jobs = iter(jobs)
         first = next(jobs, None)
         if first is None:
             return
         second = next(jobs, None)
         if second is None or self.workers <= 1:
-            yield process_batch(first)
+            yield work(first)
             if second is not None:
-                yield process_batch(second)
+                yield work(second)
                 for job in jobs:
-                    yield process_batch(job)
+                    yield work(job)
             return
         if self.executor is None:
             import multiprocessing
@@ -358,11 +359,11 @@ class _Pool:
             self.executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                                 initializer=_set_contamination, initargs=self.init_args)
         try:
-            pending = [self.executor.submit(process_batch, first), self.executor.submit(process_batch, second)]
+            pending = [self.executor.submit(work, first), self.executor.submit(work, second)]
             for job in jobs:
                 if len(pending) >= 2 * self.workers:
                     yield pending.pop(0).result()
-                pending.append(self.executor.submit(process_batch, job))
+                pending.append(self.executor.submit(work, job))
             for future in pending:
                 yield future.result()
         except BrokenProcessPool:
@@ -443,7 +444,7 @@ def prepare_data(cfg: DataConfig, out: Path, seed: int, revisions: dict[str, str
                         part += 1
 
             stats[kind], kind_prompts = _prepare_kind(kind, sources[kind], runner.map(jobs()), cfg, out, seed,
-                                                      removed, near)
+                                                      removed, near, runner)
             if kind == "eval":
                 prompts += kind_prompts
         os.replace(scratch / "near_duplicates.jsonl", out / "near_duplicates.jsonl")
@@ -562,14 +563,14 @@ class _NearDuplicates:
     """Verified near-duplicate removal over a kind's stored shingle sets (tasks/dedup.py): boilerplate shingles
     left out, LSH candidates among the rows still kept, each verified by exact Jaccard similarity."""
 
-    def __init__(self, gathered: _Gathered, near: dict, settings: NearDedupSettings, seed: int):
-        self.gathered, self.near, self.settings, self.seed = gathered, near, settings, seed
+    def __init__(self, gathered: _Gathered, near: dict, settings: NearDedupSettings, seed: int, pool: "_Pool"):
+        self.gathered, self.near, self.settings, self.seed, self.pool = gathered, near, settings, seed, pool
         self.boilerplate = np.zeros(0, dtype=np.uint64)
         self.candidates = 0
         self.records: list[tuple[int, int, float]] = []  # (removed row, the kept row it duplicates, similarity)
 
-    def _load(self, path: str):
-        return np.load(path + ".shingles.npy", mmap_mode="r"), np.load(path + ".sizes.npy")
+    def _sets(self, path: str, length: int) -> tuple[np.ndarray, np.ndarray]:
+        return _part_sets(path, length, self.boilerplate)
 
     def _find_boilerplate(self) -> None:
         from tasks import dedup
@@ -578,60 +579,93 @@ class _NearDuplicates:
             return
         values = np.concatenate([v for v, _ in self.gathered.frequent])
         counts = np.concatenate([c for _, c in self.gathered.frequent])
-        unique, inverse = np.unique(values, return_inverse=True)
-        totals = np.bincount(inverse, weights=counts)
-        documents = sum(int((self._load(path)[1] > 0).sum()) for path, _ in self.gathered.parts)
+        if not len(values):
+            return
+        order = np.argsort(values, kind="stable")
+        values, counts = values[order], counts[order]
+        starts = np.flatnonzero(np.concatenate([[True], values[1:] != values[:-1]]))
+        unique, totals = values[starts], np.add.reduceat(counts, starts)
+        documents = sum(int((np.load(path + ".sizes.npy") > 0).sum()) for path, _ in self.gathered.parts)
         self.boilerplate = dedup.boilerplate(unique, totals, documents, self.settings.boilerplate_fraction,
                                              BOILERPLATE_MIN_ROWS["near"])
 
     def remove(self, keep: np.ndarray) -> np.ndarray:
-        """Mask of the rows in `keep` that duplicate an earlier kept row."""
+        """Mask of the rows in `keep` that duplicate an earlier kept row. One part's shingle sets in memory at a
+        time, then only those of the rows LSH proposed."""
         from tasks import dedup
 
         self._find_boilerplate()
-        sets, eligible, band_rows = [], [], []
-        start = 0
-        for path, length in self.gathered.parts:
-            flat, sizes = self._load(path)
-            if len(self.boilerplate):  # written back and mapped again: a kind's sets need not fit in memory
-                ordinary = ~np.isin(flat, self.boilerplate)
-                owner = np.repeat(np.arange(length), sizes)
-                sizes = np.bincount(owner[ordinary], minlength=length)
-                np.save(path + ".ordinary.npy", np.asarray(flat)[ordinary])
-                flat = np.load(path + ".ordinary.npy", mmap_mode="r")
-            offsets = np.concatenate([[0], np.cumsum(sizes)])
-            sets.append((flat, offsets))
-            mine = np.flatnonzero(keep[start: start + length] & (sizes > 0))
+        starts = np.cumsum([0] + [length for _, length in self.gathered.parts])
+        jobs = (_BandJob(path, length, keep[start: start + length], self.boilerplate, self.near, self.seed)
+                for (path, length), start in zip(self.gathered.parts, starts))
+        eligible, band_rows = [], []
+        for (mine, bands), start in zip(self.pool.map(jobs, part_bands), starts):  # in the worker processes
             if len(mine):
-                chosen = np.concatenate([flat[offsets[i]: offsets[i + 1]] for i in mine])
-                band_rows.append(dedup.band_hashes(chosen, sizes[mine], self.near["num_perm"], self.near["bands"],
-                                                   self.near["rows"], self.seed))
                 eligible.append(mine + start)
-            start += length
+                band_rows.append(bands)
         duplicate = np.zeros(len(keep), dtype=bool)
         if not eligible:
             return duplicate
         eligible = np.concatenate(eligible)
         earlier, later, shared = dedup.candidate_pairs(np.concatenate(band_rows))
+        del band_rows
         self.candidates = len(earlier)
-        starts = np.cumsum([0] + [length for _, length in self.gathered.parts])
-
-        def shingles(row: int) -> np.ndarray:
-            part = int(np.searchsorted(starts, row, side="right") - 1)
-            flat, offsets = sets[part]
-            local = row - starts[part]
-            return flat[offsets[local]: offsets[local + 1]]
-
+        earlier, later = eligible[earlier], eligible[later]
+        sets = self._proposed_sets(np.union1d(earlier, later))
         order = np.lexsort((earlier, -shared, later))  # per later row: the pairs sharing the most bands first
-        threshold = self.settings.threshold
-        for e, l in zip(eligible[earlier[order]], eligible[later[order]]):
+        for e, l in zip(earlier[order].tolist(), later[order].tolist()):
             if duplicate[l] or duplicate[e]:
                 continue
-            similarity = dedup.jaccard(shingles(int(e)), shingles(int(l)))
-            if similarity >= threshold:
+            similarity = dedup.jaccard(sets[e], sets[l])
+            if similarity >= self.settings.threshold:
                 duplicate[l] = True
-                self.records.append((int(l), int(e), similarity))
+                self.records.append((l, e, similarity))
         return duplicate
+
+    def _proposed_sets(self, rows: np.ndarray) -> dict[int, np.ndarray]:
+        sets, start = {}, 0
+        for path, length in self.gathered.parts:
+            mine = rows[(rows >= start) & (rows < start + length)]
+            if len(mine):
+                flat, offsets = self._sets(path, length)
+                for row in mine.tolist():
+                    sets[row] = flat[offsets[row - start]: offsets[row - start + 1]].copy()  # not a view of the part
+            start += length
+        return sets
+
+
+def _part_sets(path: str, length: int, boilerplate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A part's shingle sets without the boilerplate: (flat values, offsets per row)."""
+    flat, sizes = np.load(path + ".shingles.npy"), np.load(path + ".sizes.npy")
+    if len(boilerplate):
+        ordinary = ~np.isin(flat, boilerplate)
+        flat, sizes = flat[ordinary], np.bincount(np.repeat(np.arange(length), sizes)[ordinary], minlength=length)
+    return flat, np.concatenate([[0], np.cumsum(sizes)])
+
+
+@dataclass
+class _BandJob:
+    path: str
+    length: int
+    keep: np.ndarray  # the part's rows still kept after exact dedup
+    boilerplate: np.ndarray
+    near: dict
+    seed: int
+
+
+def part_bands(job: _BandJob) -> tuple[np.ndarray, np.ndarray]:
+    """(the part's rows that take part in near dedup, their LSH band hashes): kept rows whose shingle sets are
+    not empty once the boilerplate is left out."""
+    from tasks import dedup
+
+    flat, offsets = _part_sets(job.path, job.length, job.boilerplate)
+    sizes = np.diff(offsets)
+    mine = np.flatnonzero(job.keep & (sizes > 0))
+    if not len(mine):
+        return mine, np.zeros((0, job.near["bands"]), dtype=np.uint64)
+    chosen = flat[np.repeat(job.keep & (sizes > 0), sizes)]
+    return mine, dedup.band_hashes(chosen, sizes[mine], job.near["num_perm"], job.near["bands"], job.near["rows"],
+                                   job.seed)
 
 
 def _first_occurrences(keys: np.ndarray, keep: np.ndarray, exact: bool) -> tuple[np.ndarray, int]:
@@ -660,7 +694,7 @@ def _copies(keep: np.ndarray, source_of: np.ndarray, numbers: np.ndarray, source
 
 
 def _prepare_kind(kind, sources, results, cfg: DataConfig, out: Path, seed: int, removed: list,
-                  near: dict | None) -> tuple[dict, list]:
+                  near: dict | None, pool: "_Pool") -> tuple[dict, list]:
     gathered = _Gathered(kind, sources, removed)
     for result in results:
         gathered.add(result)
@@ -674,7 +708,7 @@ def _prepare_kind(kind, sources, results, cfg: DataConfig, out: Path, seed: int,
     keep, duplicates = _first_occurrences(keys, ~contaminated, cfg.dedup)
     near_removed, finder = 0, None
     if near and kind != "eval" and keep.any():
-        finder = _NearDuplicates(gathered, near, cfg.near_dedup, seed)
+        finder = _NearDuplicates(gathered, near, cfg.near_dedup, seed, pool)
         duplicate = finder.remove(keep)
         keep &= ~duplicate
         near_removed = int(duplicate.sum())

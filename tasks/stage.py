@@ -217,7 +217,9 @@ def execute_stage(kind: str, instance: str, config: dict, inputs: dict[str, dict
     try:
         tracking.log_params(run_env.tracking_uri, run_id, tracking.flatten(tracking.redact(config)))
         tracking.set_tags(run_env.tracking_uri, run_id, input_tags(inputs))
+        timings = {"setup": time.monotonic() - started}  # where a stage's seconds go, beside its trainer's
         local = {name: materialize_input(store, raw, run_env.tracking_uri) for name, raw in inputs.items()}
+        timings["inputs"] = time.monotonic() - started - sum(timings.values())
         if any(raw.get("gguf") for raw in inputs.values()):
             from tasks import gguf
 
@@ -237,6 +239,7 @@ def execute_stage(kind: str, instance: str, config: dict, inputs: dict[str, dict
             with store.write(area, key) as pending:
                 metrics = stage_kind.work(cfg, local, pending.path, ctx)
                 ctx.flush()
+                timings["work"] = time.monotonic() - started - sum(timings.values())
                 pending.metadata = {
                     "metrics": metrics, "mlflow_run_id": run_id, "config": config, "seed": seed, "round": round_,
                     "inputs": {n: r.to_dict() for n, r in refs.items()}, "kind": kind, "instance": instance,
@@ -249,8 +252,11 @@ def execute_stage(kind: str, instance: str, config: dict, inputs: dict[str, dict
                 logger.info("[%s] another run committed %s first; using its output", instance, key)
                 existing, metrics = output, pending.superseded_by["metadata"].get("metrics", metrics)
         seconds = time.monotonic() - started
+        if "work" in timings:
+            timings["commit"] = seconds - sum(timings.values())  # hashing the output, the manifest, the rename
         # at the last training step, so a summary number that is also a curve (eval/loss) is that curve's end
-        tracking.log_metrics(run_env.tracking_uri, run_id, {**metrics, "stage/seconds": seconds},
+        tracking.log_metrics(run_env.tracking_uri, run_id, {**metrics, "stage/seconds": seconds,
+                                                            **{f"stage/seconds/{k}": v for k, v in timings.items()}},
                              step=int(metrics.get(stage_kind.step, 0)))
         tracking.set_tags(run_env.tracking_uri, run_id, {"posttrain.output_uri": output.uri,
                                                          "posttrain.output_digest": output.digest,
@@ -270,6 +276,7 @@ def execute_stage(kind: str, instance: str, config: dict, inputs: dict[str, dict
         "metrics": metrics,
         "mlflow_run_id": run_id,
         "seconds": round(seconds, 3),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
         "reused": existing is not None,
     }
 
