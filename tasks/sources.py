@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import re
-import sqlite3
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -292,32 +291,11 @@ def _folder_digest(folder: Path) -> str:
                            for p in sorted(folder.rglob("*")) if p.is_file()})
 
 
-def _digest_cache() -> sqlite3.Connection:
-    from tasks.store import state_home
-
-    path = state_home() / "cache" / "file-digests.sqlite"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, timeout=30)
-    db.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
-               "sha256 TEXT)")
-    return db
-
-
 def file_digest(path: Path) -> str:
-    """SHA-256 of a local file, remembered by (path, size, mtime): an unchanged file is not read again."""
-    path = path.resolve()
-    stat = path.stat()
-    with _digest_cache() as db:
-        hit = db.execute("SELECT sha256 FROM digests WHERE path=? AND size=? AND mtime_ns=?",
-                         (str(path), stat.st_size, stat.st_mtime_ns)).fetchone()
-    if hit:
-        return hit[0]
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    with _digest_cache() as db:
-        db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)",
-                   (str(path), stat.st_size, stat.st_mtime_ns, digest))
-    return digest
+    """SHA-256 of a local file, remembered while the file is unchanged (tasks.store.file_sha256)."""
+    from tasks.store import file_sha256
+
+    return file_sha256(Path(path).resolve())
 
 
 COMMIT = re.compile(r"[0-9a-f]{40}")

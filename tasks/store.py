@@ -11,6 +11,11 @@ same key at once, the first to commit wins, the other removes its own attempt an
 winner's reference, so one key never holds two outputs. A corrupted output (a file that no longer
 matches its digest) is quarantined: its manifest is renamed aside, the files stay for inspection,
 and the key is free to be computed again.
+
+Verifying a local output does not read its bytes again while they cannot have changed: a file's SHA-256 is
+remembered by (device, inode, size, modification time) once computed (`file_sha256`), as git's index does; a
+write changes the modification time. A stamp taken within `RACY_SECONDS` of the file's modification time is not
+trusted (a write in the same clock tick would leave the time unchanged), so such a file is hashed again.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import tempfile
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,6 +65,36 @@ def state_home() -> Path:
     return Path(os.environ.get("POSTTRAIN_HOME", ".posttrain")).expanduser().resolve()
 
 
+RACY_SECONDS = 0.5
+
+
+def _stamps() -> sqlite3.Connection:
+    path = state_home() / "cache" / "file-digests.sqlite"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, timeout=30)
+    db.execute("CREATE TABLE IF NOT EXISTS stamps (device INTEGER, inode INTEGER, size INTEGER, mtime_ns INTEGER, "
+               "sha256 TEXT, PRIMARY KEY (device, inode))")
+    return db
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a local file; an unchanged file (same device, inode, size and modification time since a
+    stamp that is not racy) is not read again."""
+    stat = Path(path).stat()
+    key = (stat.st_dev, stat.st_ino)
+    with contextlib.closing(_stamps()) as db:
+        hit = db.execute("SELECT sha256 FROM stamps WHERE device=? AND inode=? AND size=? AND mtime_ns=?",
+                         (*key, stat.st_size, stat.st_mtime_ns)).fetchone()
+    if hit:
+        return hit[0]
+    digest = sha256_file(path)
+    if time.time() - stat.st_mtime_ns / 1e9 >= RACY_SECONDS and Path(path).stat().st_mtime_ns == stat.st_mtime_ns:
+        with contextlib.closing(_stamps()) as db, db:
+            db.execute("INSERT OR REPLACE INTO stamps VALUES (?, ?, ?, ?, ?)",
+                       (*key, stat.st_size, stat.st_mtime_ns, digest))
+    return digest
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -75,7 +112,7 @@ def directory_manifest(local_dir: Path) -> dict[str, dict]:
     files = {}
     for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
         rel = path.relative_to(local_dir).as_posix()
-        files[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+        files[rel] = {"sha256": file_sha256(path), "size": path.stat().st_size}
     return files
 
 
@@ -332,5 +369,5 @@ def _check(local: Path, manifest: dict, ref: Ref) -> None:
         path = local / name
         if not path.is_file():
             raise ArtifactError(f"{ref.uri}: file {name} listed in the manifest is missing")
-        if path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
+        if path.stat().st_size != meta["size"] or file_sha256(path) != meta["sha256"]:
             raise ArtifactError(f"{ref.uri}: file {name} does not match its recorded sha256 (corrupted)")

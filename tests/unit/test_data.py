@@ -416,6 +416,8 @@ def test_a_local_fingerprint_is_computed_once_per_content_change(tmp_path, monke
     monkeypatch.setenv("POSTTRAIN_HOME", str(tmp_path / "home"))
     path = tmp_path / "sft.jsonl"
     _jsonl(path, SFT)
+    written = path.stat().st_mtime_ns - 10**10  # written ten seconds ago: a stamp taken now is not racy
+    os.utime(path, ns=(written, written))
     before = fingerprint(DatasetSource(source=str(path)))["digest"]
     stat = path.stat()
     # same size and modification time: the remembered digest is used, the file is not read again

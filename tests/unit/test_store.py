@@ -171,3 +171,29 @@ def test_a_model_named_by_its_path_inside_the_store_is_read_where_it_is(tmp_path
     assert materialize_input(store, resolve_model(str(attempt))) == attempt, "an earlier run's model folder"
     assert (materialize_input(store, pending.ref.to_dict()) / "model.safetensors").read_bytes() == b"weights", \
         "a stage output is still read (and verified) through its manifest"
+
+
+def test_an_unchanged_local_output_is_verified_without_reading_it_again(tmp_path, monkeypatch):
+    import os
+
+    from tasks import store as store_module
+
+    monkeypatch.setenv("POSTTRAIN_HOME", str(tmp_path / "home"))
+    store = ArtifactStore(str(tmp_path / "root"))
+    ref = _write(store)
+    attempt = next((tmp_path / "root" / "sft" / "sft-abc").glob("attempt-*"))
+    reads = []
+    monkeypatch.setattr(store_module, "sha256_file", lambda p, real=store_module.sha256_file: reads.append(p) or real(p))
+    store.materialize(ref)
+    assert reads, "files written just now are racy: hashed again"
+    for f in (p for p in attempt.rglob("*") if p.is_file()):  # as if written a minute ago
+        os.utime(f, ns=(f.stat().st_mtime_ns - 60 * 10**9,) * 2)
+    store.materialize(ref)
+    reads.clear()
+    store.materialize(ref)
+    assert not reads, "an unchanged file's stamp is trusted"
+    weights = attempt / "model.bin"
+    weights.write_bytes(b"weightz")  # same size; the write moves the modification time
+    os.utime(weights, ns=(weights.stat().st_mtime_ns - 30 * 10**9,) * 2)
+    with pytest.raises(ArtifactError, match="model.bin does not match its recorded sha256"):
+        store.materialize(ref)
