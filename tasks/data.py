@@ -275,7 +275,7 @@ def process_batch(job: _Job) -> dict:
         numbers.append(number)
     if kept:
         pq.write_table(pa.Table.from_pylist(kept, schema=schema(job.kind)), job.part)
-    frequent = None
+    frequent = bands = None
     if near and kept:  # shingle sets (rows too short for near dedup have none), kept beside the part
         sizes = np.zeros(len(kept), dtype=np.int64)
         flat = np.zeros(0, dtype=np.uint64)
@@ -284,9 +284,15 @@ def process_batch(job: _Job) -> dict:
         np.save(job.part + ".shingles.npy", flat)
         np.save(job.part + ".sizes.npy", sizes)
         frequent = dedup.document_frequency(flat)
+        # LSH bands of the whole sets, used as they are when the kind turns out to have no boilerplate
+        bands = np.zeros((len(kept), near["bands"]), dtype=np.uint64)
+        if word_lists:
+            bands[sizes > 0] = dedup.band_hashes(flat, sizes[sizes > 0], near["num_perm"], near["bands"],
+                                                 near["rows"], s["seed"])
     return {"counts": {**counts, **removed.counts}, "first_rows": removed.first_rows, "samples": removed.samples,
             "chars": chars, "keys": np.array(keys, dtype=np.uint64), "numbers": np.array(numbers, dtype=np.int64),
-            "hits": hits, "frequent_shingles": frequent, "prompts": prompts, "part": job.part if kept else None,
+            "hits": hits, "frequent_shingles": frequent, "bands": bands, "prompts": prompts,
+            "part": job.part if kept else None,
             "source": job.source_index}
 
 
@@ -494,7 +500,7 @@ class _Gathered:
                             **dict.fromkeys(("rows_read", *REASONS), 0)} for s in sources]
         self.first_rows: dict[str, list[int]] = {reason: [] for reason in REASONS}
         self.parts, self.prompts, self.chars, self.hits, self.frequent = [], [], 0, [], []
-        self._keys, self._numbers, self._sources = [], [], []
+        self._keys, self._numbers, self._sources, self.bands = [], [], [], []
         self.rows = 0
 
     def add(self, result: dict) -> None:
@@ -519,6 +525,8 @@ class _Gathered:
             self._keys.append(result["keys"])
             self._numbers.append(result["numbers"])
             self._sources.append(np.full(len(result["keys"]), result["source"], dtype=np.int32))
+            if result["bands"] is not None:
+                self.bands.append(result["bands"])
             self.rows += len(result["keys"])
 
     def arrays(self):
@@ -595,20 +603,28 @@ class _NearDuplicates:
         from tasks import dedup
 
         self._find_boilerplate()
-        starts = np.cumsum([0] + [length for _, length in self.gathered.parts])
-        jobs = (_BandJob(path, length, keep[start: start + length], self.boilerplate, self.near, self.seed)
-                for (path, length), start in zip(self.gathered.parts, starts))
-        eligible, band_rows = [], []
-        for (mine, bands), start in zip(self.pool.map(jobs, part_bands), starts):  # in the worker processes
-            if len(mine):
-                eligible.append(mine + start)
-                band_rows.append(bands)
         duplicate = np.zeros(len(keep), dtype=bool)
-        if not eligible:
-            return duplicate
-        eligible = np.concatenate(eligible)
-        earlier, later, shared = dedup.candidate_pairs(np.concatenate(band_rows))
-        del band_rows
+        if len(self.boilerplate):  # the sets change: bands again, in the worker processes, part by part
+            starts = np.cumsum([0] + [length for _, length in self.gathered.parts])
+            jobs = (_BandJob(path, length, keep[start: start + length], self.boilerplate, self.near, self.seed)
+                    for (path, length), start in zip(self.gathered.parts, starts))
+            eligible, band_rows = [], []
+            for (mine, bands), start in zip(self.pool.map(jobs, part_bands), starts):
+                if len(mine):
+                    eligible.append(mine + start)
+                    band_rows.append(bands)
+            if not eligible:
+                return duplicate
+            eligible, bands = np.concatenate(eligible), np.concatenate(band_rows)
+            del band_rows
+        else:  # the first pass's bands; rows without a shingle set have all-zero bands
+            bands = np.concatenate(self.gathered.bands)
+            eligible = np.flatnonzero(keep & bands.any(axis=1))
+            if not len(eligible):
+                return duplicate
+            bands = bands[eligible]
+        earlier, later, shared = dedup.candidate_pairs(bands)
+        del bands
         self.candidates = len(earlier)
         earlier, later = eligible[earlier], eligible[later]
         sets = self._proposed_sets(np.union1d(earlier, later))
