@@ -92,7 +92,8 @@ class NearDedupSettings(Section):
     boilerplate_fraction: float | None = Field(
         0.1, gt=0, le=1, description="Shingles held by at least this fraction of a kind's rows (and by at least 20 "
         "rows) are boilerplate — a template's fixed text, a shared preamble — and left out of the comparison; "
-        "they are counted in stats.json. null: compare every shingle.")
+        "they are counted in stats.json. Counted per batch of rows where at least 1% of the batch holds them, so the "
+        "fraction is measured to within a percentage point. null: compare every shingle.")
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations.")
     shingle: int = Field(3, ge=1, le=16, description="Words per shingle.")
     min_words: int = Field(
@@ -283,7 +284,9 @@ def process_batch(job: _Job) -> dict:
             flat, sizes[long_rows] = dedup.shingle_sets(word_lists, near["shingle"])
         np.save(job.part + ".shingles.npy", flat)
         np.save(job.part + ".sizes.npy", sizes)
-        frequent = dedup.document_frequency(flat)
+        # shingles held by at least 1% of the batch's rows: enough to find boilerplate (>= 10% of all rows by
+        # default) to within a percentage point, without carrying every pair of duplicates' shingles along
+        frequent = dedup.document_frequency(flat, max(2, -(-len(kept) // 100)))
         # LSH bands of the whole sets, used as they are when the kind turns out to have no boilerplate
         bands = np.zeros((len(kept), near["bands"]), dtype=np.uint64)
         if word_lists:
@@ -618,11 +621,18 @@ class _NearDuplicates:
             eligible, bands = np.concatenate(eligible), np.concatenate(band_rows)
             del band_rows
         else:  # the first pass's bands; rows without a shingle set have all-zero bands
-            bands = np.concatenate(self.gathered.bands)
-            eligible = np.flatnonzero(keep & bands.any(axis=1))
+            eligible, chosen, start = [], [], 0
+            while self.gathered.bands:  # chunk by chunk, each freed once taken: never two copies of them all
+                chunk = self.gathered.bands.pop(0)
+                mine = keep[start: start + len(chunk)] & chunk.any(axis=1)
+                eligible.append(np.flatnonzero(mine) + start)
+                chosen.append(chunk[mine])
+                start += len(chunk)
+            eligible = np.concatenate(eligible)
             if not len(eligible):
                 return duplicate
-            bands = bands[eligible]
+            bands = np.concatenate(chosen)
+            del chosen
         earlier, later, shared = dedup.candidate_pairs(bands)
         del bands
         self.candidates = len(earlier)
