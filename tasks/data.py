@@ -580,22 +580,13 @@ class _NearDuplicates:
         self.candidates = 0
         self.records: list[tuple[int, int, float]] = []  # (removed row, the kept row it duplicates, similarity)
 
-    def _sets(self, path: str, length: int) -> tuple[np.ndarray, np.ndarray]:
-        return _part_sets(path, length, self.boilerplate)
-
     def _find_boilerplate(self) -> None:
         from tasks import dedup
 
         if not self.gathered.frequent or self.settings.boilerplate_fraction is None:
             return
-        values = np.concatenate([v for v, _ in self.gathered.frequent])
-        counts = np.concatenate([c for _, c in self.gathered.frequent])
-        if not len(values):
-            return
-        order = np.argsort(values, kind="stable")
-        values, counts = values[order], counts[order]
-        starts = np.flatnonzero(np.concatenate([[True], values[1:] != values[:-1]]))
-        unique, totals = values[starts], np.add.reduceat(counts, starts)
+        unique, totals = dedup.sum_by_value(np.concatenate([v for v, _ in self.gathered.frequent]),
+                                            np.concatenate([c for _, c in self.gathered.frequent]))
         documents = sum(int((np.load(path + ".sizes.npy") > 0).sum()) for path, _ in self.gathered.parts)
         self.boilerplate = dedup.boilerplate(unique, totals, documents, self.settings.boilerplate_fraction,
                                              BOILERPLATE_MIN_ROWS["near"])
@@ -653,7 +644,7 @@ class _NearDuplicates:
         for path, length in self.gathered.parts:
             mine = rows[(rows >= start) & (rows < start + length)]
             if len(mine):
-                flat, offsets = self._sets(path, length)
+                flat, offsets = _part_sets(path, length, self.boilerplate)
                 for row in mine.tolist():
                     sets[row] = flat[offsets[row - start]: offsets[row - start + 1]].copy()  # not a view of the part
             start += length

@@ -97,14 +97,23 @@ def _sorted_distinct(values: np.ndarray) -> np.ndarray:
     return values[first]
 
 
+def sum_by_value(values: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct values, sorted; the sum of their weights, or how often each occurs), by one sort."""
+    order = None if weights is None else np.argsort(values, kind="stable")
+    values = np.sort(values) if order is None else values[order]
+    starts = np.flatnonzero(np.concatenate([[True], values[1:] != values[:-1]])) if len(values) else \
+        np.zeros(0, dtype=np.int64)
+    if weights is None:
+        return values[starts], np.diff(np.concatenate([starts, [len(values)]]))
+    return values[starts], np.add.reduceat(weights[order], starts) if len(starts) else weights[:0]
+
+
 def document_frequency(flat: np.ndarray, at_least: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """(values, number of documents holding each) over per-document-unique values, those held by at least
     `at_least` documents."""
-    values = np.sort(flat)
-    starts = np.flatnonzero(np.concatenate([[True], values[1:] != values[:-1]]))
-    counts = np.diff(np.concatenate([starts, [len(values)]]))
+    values, counts = sum_by_value(flat)
     common = counts >= at_least
-    return values[starts[common]], counts[common]
+    return values[common], counts[common]
 
 
 def boilerplate(values: np.ndarray, counts: np.ndarray, documents: int, fraction: float, floor: int) -> np.ndarray:

@@ -217,9 +217,14 @@ def execute_stage(kind: str, instance: str, config: dict, inputs: dict[str, dict
     try:
         tracking.log_params(run_env.tracking_uri, run_id, tracking.flatten(tracking.redact(config)))
         tracking.set_tags(run_env.tracking_uri, run_id, input_tags(inputs))
-        timings = {"setup": time.monotonic() - started}  # where a stage's seconds go, beside its trainer's
+        timings: dict[str, float] = {}  # where a stage's seconds go, beside its trainer's
+
+        def lap(phase: str) -> None:
+            timings[phase] = time.monotonic() - started - sum(timings.values())
+
+        lap("setup")
         local = {name: materialize_input(store, raw, run_env.tracking_uri) for name, raw in inputs.items()}
-        timings["inputs"] = time.monotonic() - started - sum(timings.values())
+        lap("inputs")
         if any(raw.get("gguf") for raw in inputs.values()):
             from tasks import gguf
 
@@ -239,7 +244,7 @@ def execute_stage(kind: str, instance: str, config: dict, inputs: dict[str, dict
             with store.write(area, key) as pending:
                 metrics = stage_kind.work(cfg, local, pending.path, ctx)
                 ctx.flush()
-                timings["work"] = time.monotonic() - started - sum(timings.values())
+                lap("work")
                 pending.metadata = {
                     "metrics": metrics, "mlflow_run_id": run_id, "config": config, "seed": seed, "round": round_,
                     "inputs": {n: r.to_dict() for n, r in refs.items()}, "kind": kind, "instance": instance,
@@ -251,9 +256,9 @@ def execute_stage(kind: str, instance: str, config: dict, inputs: dict[str, dict
             if pending.superseded_by is not None:  # a concurrent run with the same key committed first
                 logger.info("[%s] another run committed %s first; using its output", instance, key)
                 existing, metrics = output, pending.superseded_by["metadata"].get("metrics", metrics)
-        seconds = time.monotonic() - started
         if "work" in timings:
-            timings["commit"] = seconds - sum(timings.values())  # hashing the output, the manifest, the rename
+            lap("commit")  # hashing the output, the manifest, the rename
+        seconds = time.monotonic() - started
         # at the last training step, so a summary number that is also a curve (eval/loss) is that curve's end
         tracking.log_metrics(run_env.tracking_uri, run_id, {**metrics, "stage/seconds": seconds,
                                                             **{f"stage/seconds/{k}": v for k, v in timings.items()}},
