@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import string
 
 import numpy as np
@@ -159,23 +160,36 @@ def candidate_pairs(bands: np.ndarray, per_band: int = CANDIDATES_PER_BAND) -> t
                                                                                       np.ndarray]:
     """(earlier, later, shared bands) of the row pairs (indices into `bands`, reading order) that share an LSH
     band: each row with up to `per_band` of the rows before it in each bucket, nearest first."""
-    earlier, later = [], []
-    for band in range(bands.shape[1]):
-        values = bands[:, band]
-        order = np.argsort(values, kind="stable")
-        ordered = values[order]
-        for d in range(1, per_band + 1):
-            same = ordered[d:] == ordered[:-d]
-            if not same.any():
-                break
-            earlier.append(order[:-d][same])
-            later.append(order[d:][same])
-    if not earlier:
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = len(bands)
+    with ThreadPoolExecutor(max_workers=min(bands.shape[1], os.cpu_count() or 1)) as pool:
+        keys = [k for k in pool.map(lambda band: _bucket_pairs(bands[:, band], n, per_band), range(bands.shape[1]))
+                if len(k)]
+    if not keys:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, empty
-    pairs = np.stack([np.concatenate(earlier), np.concatenate(later)], axis=1)
-    pairs, shared = np.unique(pairs, axis=0, return_counts=True)
-    return pairs[:, 0], pairs[:, 1], shared
+    pairs, shared = np.unique(np.concatenate(keys), return_counts=True)
+    return pairs // n, pairs % n, shared
+
+
+def _bucket_pairs(values: np.ndarray, n: int, per_band: int) -> np.ndarray:
+    """One band's candidate pairs as keys earlier * n + later. Only the rows whose band value repeats are
+    ordered (most rows are alone in their bucket), which keeps the stable sort small."""
+    ordered = np.sort(values)
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    if not len(repeated):
+        return np.zeros(0, dtype=np.int64)
+    rows = np.flatnonzero(np.isin(values, repeated))
+    order = rows[np.argsort(values[rows], kind="stable")]
+    ordered = values[order]
+    keys = []
+    for d in range(1, per_band + 1):
+        same = ordered[d:] == ordered[:-d]
+        if not same.any():
+            break
+        keys.append(order[:-d][same].astype(np.int64) * n + order[d:][same])
+    return np.concatenate(keys)
 
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:

@@ -33,9 +33,12 @@ def posttrain_home(home):
             os.environ["POSTTRAIN_HOME"] = old
 
 
-@contextlib.contextmanager
-def temporary_prefect():
-    """One temporary Prefect server (and result store) for a suite's session."""
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server (and result store) for the whole test process. Prefect's events worker
+    is one per process and keeps the API URL it started with, so a second harness alongside the first
+    would have its task-run events sent to the first server: every suite that runs flows in this process
+    shares this one."""
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=180):

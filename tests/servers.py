@@ -135,6 +135,23 @@ def api_url(prefect: Server) -> str:
     return prefect.url.rsplit("/health", 1)[0]
 
 
+def task_run_states(client, flow_run_ids, names, timeout: float = 120) -> dict[str, str]:
+    """{task name: state name} of the named task runs in these flow runs, read from the Prefect server.
+
+    Clients report task-run states as events that the server records a moment later, so this waits (up to
+    `timeout` seconds) until every named task run has a final state; whatever is there by then is returned,
+    for the caller's assertion to show."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(flow_run_ids))))
+        states = {r.name: r.state for r in runs if r.name in names and r.state is not None}
+        if (set(states) == set(names) and all(s.is_final() for s in states.values())) or time.monotonic() > deadline:
+            return {name: state.name for name, state in states.items()}
+        time.sleep(0.5)
+
+
 class HubAPI:
     """A local HTTP server that answers the Hugging Face Hub's repo-info API (GET /api/{models,datasets}/<org>/
     <name>[/revision/<rev>]) the way the Hub does: 200 with the resolved commit for the repos it knows, 404

@@ -8,6 +8,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.servers import task_run_states
+
 from .conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.e2e
@@ -75,11 +77,10 @@ def test_branches_each_get_their_own_row_metrics_and_task_run(branches):
         assert 0.0 <= summary["metrics"][f"eval/{branch}/win_rate_vs_sft"] <= 1.0
         assert f"eval/{branch}/kl_to_sft" in summary["metrics"]
     from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[summary["flow_run_id"]])))
-    assert sorted(r.name for r in runs) == sorted(stages), "task runs are named after their recipe instance"
+        states = task_run_states(client, [summary["flow_run_id"]], stages)
+    assert sorted(states) == sorted(stages), "task runs are named after their recipe instance"
 
 
 def test_each_round_has_its_own_key_folder_and_mlflow_run(branches):

@@ -7,7 +7,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from tasks.store import ArtifactStore, Ref
-from tests.servers import tiny_stages
+from tests.servers import task_run_states, tiny_stages
 
 from .conftest import run_cli, write_data
 
@@ -169,11 +169,9 @@ def test_same_config_again_is_all_cached(first, state_home, data):
 
 def _prefect_task_states(flow_run_id):
     from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name: r.state.name for r in runs}
+        return task_run_states(client, [flow_run_id], STAGES)
 
 
 def test_changing_beta_reruns_align_and_evaluate_only(first, state_home, data):

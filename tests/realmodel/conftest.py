@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import posttrain_home, temporary_prefect
+from tests.conftest import posttrain_home
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session", autouse=True)
-def prefect_server():
-    with temporary_prefect():
-        yield
+def prefect_server(prefect_harness):
+    yield
 
 
 @pytest.fixture(scope="session")

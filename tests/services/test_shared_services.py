@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.servers import tiny_stages
+from tests.servers import task_run_states, tiny_stages
 
 from .conftest import ACCESS_KEY, MLFLOW_PASSWORD, ROOT, SECRET
 
@@ -97,11 +97,8 @@ def _child_flow_runs(client, flow_run_id):
 
 def _stage_task_states(client, flow_run_id):
     """State of each stage task, in the pipeline's flow run or in a stage flow run it started."""
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
     ids = [flow_run_id, *(r.id for r in _child_flow_runs(client, flow_run_id))]
-    tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
-    return {t.name: t.state.name for t in tasks if t.name in STAGES}
+    return task_run_states(client, ids, STAGES)
 
 
 def _mlflow_parent(services, flow_run_id):
