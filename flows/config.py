@@ -27,6 +27,7 @@ import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from tasks.kinds import StageKind, kinds
+from tasks.ray_engine import RaySettings
 from tasks.store import state_home
 from tasks.training import Section
 
@@ -79,6 +80,20 @@ class OrchestrationConfig(Section):
         "independent instances on pools run concurrently. Instances not listed run inside the pipeline's own "
         "process, one at a time. Needs a shared storage.root (S3) and tracking.uri.",
     )
+    engine: Literal["local", "ray"] = Field(
+        "local", description="Where a stage's heavy work runs: 'local' (this process, or torchrun/accelerate "
+        "with training.processes) or 'ray': training data-parallel on Ray Train workers and generation spread "
+        "over Ray tasks (needs the [ray] extra; see orchestration.ray).")
+    stage_engines: dict[str, Literal["local", "ray"]] = Field(
+        default_factory=dict, description="The engine per stage instance, over `engine`, e.g. {sft: ray, dpo: ray}.")
+    ray: RaySettings = Field(default_factory=RaySettings, description="The Ray cluster and the resources "
+                             "stages on it use.")
+
+    def ray_settings(self, instance: str) -> dict | None:
+        """The Ray settings a stage instance runs with, or None when it runs locally."""
+        if self.stage_engines.get(instance, self.engine) != "ray":
+            return None
+        return self.ray.for_stage(instance)
 
 
 def _instance_model(kind: StageKind) -> type[Section]:
@@ -151,10 +166,18 @@ class PipelineConfig(Section):
         from flows.graph import graph_problems
 
         problems = graph_problems(self)
-        unknown_pools = sorted(set(self.orchestration.stage_pools) - set(self.stages))
-        if unknown_pools:
-            problems.append(f"orchestration.stage_pools: {', '.join(unknown_pools)} is no stage of this recipe "
-                            f"(stages: {', '.join(self.stages)})")
+        o = self.orchestration
+        for setting, names in (("stage_pools", o.stage_pools), ("stage_engines", o.stage_engines),
+                               ("ray.stages", o.ray.stages)):
+            unknown = sorted(set(names) - set(self.stages))
+            if unknown:
+                problems.append(f"orchestration.{setting}: {', '.join(unknown)} is no stage of this recipe "
+                                f"(stages: {', '.join(self.stages)})")
+        if any(o.ray_settings(name) for name in self.stages):
+            import importlib.util
+
+            if importlib.util.find_spec("ray") is None:
+                problems.append("orchestration.engine ray: Ray is not installed; pip install -e \".[ray]\"")
         if problems:
             raise ValueError("\n  ".join(problems))
         return self

@@ -51,8 +51,9 @@ def node_inputs(cfg: PipelineConfig, node: Node, outputs: dict[str, dict], model
 
 
 def stage_parameters(cfg: PipelineConfig, node: Node, inputs: dict, env: dict, refresh: bool = False) -> dict:
+    ray = cfg.orchestration.ray_settings(node.instance)
     return dict(kind=node.kind.name, instance=node.name, config=node.settings, inputs=inputs, seed=cfg.seed,
-                env=env, round=node.round, refresh=refresh)
+                env={**env, "ray": ray} if ray else env, round=node.round, refresh=refresh)
 
 
 def selection(nodes: list[Node], only: list[str] = (), start_from: list[str] = ()) -> set[str]:

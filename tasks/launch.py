@@ -47,7 +47,12 @@ def _qualified(obj) -> str:
 
 
 def run_training(function, t: TrainingSettings, cfg, inputs: dict[str, Any], out: Path, ctx) -> dict:
-    """Call `function(cfg, inputs, out, ctx)` (a module-level function) in t.processes processes."""
+    """Call `function(cfg, inputs, out, ctx)` (a module-level function) in t.processes processes, or on the
+    stage's Ray workers when it runs on Ray (orchestration.engine: ray)."""
+    if ctx.env is not None and getattr(ctx.env, "ray", None):
+        from tasks import ray_engine
+
+        return ray_engine.train(function, t, cfg, inputs, out, ctx)
     if t.processes <= 1:
         return function(cfg, inputs, out, ctx)
     from tasks.stage import RunEnv

@@ -41,6 +41,7 @@ class RunEnv:
     log_model_max_mb: float = 500.0
     recipe: str = ""
     source_tags: dict = field(default_factory=dict)  # MLflow's source fields, set on every stage run too
+    ray: dict | None = None  # orchestration.engine ray: this stage's Ray settings (tasks/ray_engine.py)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -241,7 +242,7 @@ def execute_stage(kind: str, instance: str, config: dict, inputs: dict[str, dict
             output, metrics = existing, store.read_manifest(existing.uri)["metadata"].get("metrics", {})
         else:
             logger.info("[%s] running %s (cache key %s)", instance, kind, key)
-            with store.write(area, key) as pending:
+            with store.write(area, key) as pending, _engine(run_env, run_id):
                 metrics = stage_kind.work(cfg, local, pending.path, ctx)
                 ctx.flush()
                 lap("work")
@@ -284,6 +285,18 @@ def execute_stage(kind: str, instance: str, config: dict, inputs: dict[str, dict
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "reused": existing is not None,
     }
+
+
+def _engine(env: RunEnv, run_id: str):
+    """Where the stage's heavy work runs: here, or on its Ray cluster (training and generation), whose job and
+    dashboard the stage's MLflow run then links to."""
+    if not env.ray:
+        return contextlib.nullcontext()
+    from tasks import ray_engine
+
+    ray_engine.connect(env.ray)
+    tracking.set_tags(env.tracking_uri, run_id, ray_engine.cluster_tags())
+    return ray_engine.active(env.ray)
 
 
 def discard_checkpoints(store: ArtifactStore, area: str, key: str) -> None:

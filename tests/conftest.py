@@ -98,7 +98,7 @@ def s3_env(moto_s3, monkeypatch):
 
 
 # The longest groups start first, so the two workers finish together (xdist hands out groups in order).
-_LONGEST_FIRST = ["realmodel/test_smollm2", "faults", "e2e/test_learning", "services/test_shared_services", "e2e/test_graph_runs",
+_LONGEST_FIRST = ["realmodel/test_smollm2", "faults", "ray/test_ray_engine", "e2e/test_learning", "services/test_shared_services", "e2e/test_graph_runs",
                   "e2e/test_concurrency"]
 
 

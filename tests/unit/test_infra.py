@@ -121,3 +121,53 @@ def test_kubernetes_job_template_requests_gpus_and_declares_its_variables():
     assert template["variables"]["properties"]["gpus"]["default"] >= 1
     for name, prop in template["variables"]["properties"].items():
         assert prop.get("description"), name
+
+
+@pytest.fixture(scope="module")
+def raycluster():
+    return yaml.safe_load((INFRA / "kuberay" / "raycluster.yaml").read_text())
+
+
+def _containers(raycluster):
+    groups = [raycluster["spec"]["headGroupSpec"], *raycluster["spec"]["workerGroupSpecs"]]
+    return [(group, c) for group in groups for c in group["template"]["spec"]["containers"]]
+
+
+def test_kuberay_cluster_runs_the_pinned_ray_in_the_ray_image(raycluster):
+    assert (raycluster["apiVersion"], raycluster["kind"]) == ("ray.io/v1", "RayCluster")
+    pinned = re.search(r"^ray==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M).group(1)
+    assert raycluster["spec"]["rayVersion"] == pinned, "the cluster's Ray is the one the [ray] extra installs"
+    assert re.search(r"^FROM worker AS ray$", (INFRA / "Dockerfile").read_text(), re.M)
+    assert '".[ray]"' in (INFRA / "Dockerfile").read_text().split("AS ray", 1)[1]
+    for _, container in _containers(raycluster):
+        assert container["image"].startswith("posttrain-ray:"), container["image"]
+    head = raycluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {p["containerPort"] for p in head["ports"]} >= {6379, 8265, 10001}  # GCS, dashboard, Ray Client
+
+
+def test_kuberay_gpu_workers_ask_kubernetes_for_the_gpus_they_tell_ray_about(raycluster):
+    for group in raycluster["spec"]["workerGroupSpecs"]:
+        [container] = group["template"]["spec"]["containers"]
+        gpus = container["resources"]["limits"].get("nvidia.com/gpu", "0")
+        assert group["rayStartParams"].get("num-gpus", "0") == gpus
+        assert container["resources"]["requests"].get("nvidia.com/gpu", "0") == gpus
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+
+
+def test_kuberay_credentials_come_from_a_secret_never_from_the_manifest(raycluster):
+    for _, container in _containers(raycluster):
+        assert {"secretRef": {"name": "posttrain-credentials"}} in container["envFrom"]
+        for variable in container.get("env", []):
+            assert not re.search(r"KEY|SECRET|PASSWORD|TOKEN|TRACKING_URI", variable["name"]), variable
+
+
+def test_the_readme_ray_example_is_a_valid_orchestration_section():
+    from flows.config import OrchestrationConfig
+
+    readme = (ROOT / "README.md").read_text()
+    example = re.search(r"```yaml\n(# orchestration on a Ray cluster.*?)```", readme, re.S)
+    assert example, "README: the Ray cluster example"
+    section = yaml.safe_load(example.group(1))["orchestration"]
+    settings = OrchestrationConfig.model_validate(section)
+    assert settings.engine == "ray" and settings.ray.address.startswith("ray://posttrain-ray-head-svc:10001")
+    assert settings.ray_settings("sft")["gpus_per_worker"] >= 1
