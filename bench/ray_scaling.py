@@ -77,7 +77,7 @@ def main() -> None:
     config.training.max_steps, config.training.batch_size, config.training.processes = args.steps, args.batch, 1
     ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="WARNING")
     per_worker_cpus = args.cpus / max(args.workers)
-    print(f"machine: {hardware.describe().get('cpu', '')} torch {torch.__version__} ray {ray.__version__}; "
+    print(f"machine: {hardware.describe()['cpu_model']} x {hardware.describe()['cpu_count']} torch {torch.__version__} ray {ray.__version__}; "
           f"SFT {args.steps} steps, global batch {args.batch}, model hidden 256 x 4 layers; "
           f"{per_worker_cpus:g} CPUs per Ray worker")
     results: dict[str, list[dict]] = {}
