@@ -31,22 +31,22 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
     its own generator state (seed, i), so the replies do not depend on where each batch ran."""
     from functools import partial
 
+    from tasks.chat import stop_token_ids
+
     model.eval()
     batches = [(i, batch) for i, batch in enumerate(_batches(prompts, batch_size))]
+    stops = stop_token_ids(tokenizer, model)  # the template's end-of-turn token too, not only EOS
     return _map(partial(_generate_batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                        temperature=temperature, seed=seed), model, tokenizer, batches)
+                        temperature=temperature, seed=seed, stops=stops), model, tokenizer, batches)
 
 
 def _generate_batch(model, tokenizer, numbered, max_new_tokens: int, do_sample: bool, temperature: float,
-                    seed: int) -> list[str]:
+                    seed: int, stops: list[int]) -> list[str]:
     import torch
-
-    from tasks.chat import stop_token_ids
 
     index, prompts = numbered
     torch.manual_seed(seed * 1_000_003 + index)
     tokenizer.padding_side = "left"
-    stops = stop_token_ids(tokenizer, model)  # the template's end-of-turn token too, not only EOS
     texts = [_chat(tokenizer, p) for p in prompts]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     with torch.no_grad():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -22,6 +23,8 @@ from typing import Any
 
 from tasks.ranks import TRAINER_OUTPUT_ENV, is_main_process
 from tasks.training import TrainingSettings
+
+logger = logging.getLogger("posttrain")
 
 
 def launch_command(t: TrainingSettings, spec: Path) -> list[str]:
@@ -50,9 +53,7 @@ def run_training(function, t: TrainingSettings, cfg, inputs: dict[str, Any], out
     """Call `function(cfg, inputs, out, ctx)` (a module-level function) in t.processes processes, or on the
     stage's Ray workers when it runs on Ray (orchestration.engine: ray)."""
     if ctx.env is not None and getattr(ctx.env, "ray", None):
-        from tasks import ray_engine
-
-        return ray_engine.train(function, t, cfg, inputs, out, ctx)
+        return _run_on_ray(function, t, cfg, inputs, out, ctx)
     if t.processes <= 1:
         return function(cfg, inputs, out, ctx)
     from tasks.stage import RunEnv
@@ -74,6 +75,55 @@ def run_training(function, t: TrainingSettings, cfg, inputs: dict[str, Any], out
         if result.returncode != 0:
             raise _launch_failure(t, result.returncode, Path(scratch))
         return json.loads(metrics_path.read_text())
+
+
+def _run_on_ray(function, t: TrainingSettings, cfg, inputs: dict[str, Any], out: Path, ctx) -> dict:
+    """The stage's training on its Ray workers (tasks/ray_engine.py), the recipe's global batch split among them."""
+    import uuid
+
+    from tasks import ray_engine, tracking
+    from tasks.stage import is_transient
+
+    s = ctx.env.ray
+    training = ray_engine.per_worker_training(t, s["workers"])
+    worker_cfg = cfg.model_copy(update={"training": training}) if getattr(cfg, "training", None) is t else cfg
+    name = f"{ctx.cache_key or 'stage'}-{uuid.uuid4().hex[:8]}"
+    scratch = ray_engine.scratch_folder(s, name)
+    spec = {"function": function, "config": worker_cfg,
+            "inputs": {k: v if isinstance(v, dict) else str(v) for k, v in inputs.items()}, "refs": ctx.refs,
+            "seed": ctx.seed, "env": ctx.env.to_dict(), "run_id": ctx.run_id, "stage": ctx.stage,
+            "cache_key": ctx.cache_key, "round": ctx.round, "trainer_output": str(scratch / "trainer")}
+    if ctx.run_id:
+        tracking.set_tags(ctx.env.tracking_uri, ctx.run_id, {"posttrain.ray.train_run": name,
+                                                             "posttrain.ray.workers": str(s["workers"])})
+    logger.info("[%s] training on %d Ray workers, global batch %d = %d per worker", ctx.stage, s["workers"],
+                t.batch_size * t.processes, training.batch_size)
+    try:
+        return ray_engine.train(_ray_rank, spec, s, ctx.env.storage_root, name, out, is_transient, ctx.stage)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _ray_rank(spec: dict) -> tuple[dict, Path]:
+    """One rank on a Ray worker: the inputs on this node (from the store when the driver's folder is not
+    here), the stage context, the training function; returns its metrics and output folder."""
+    from tasks.stage import RunEnv, StageContext, materialize_input
+    from tasks.store import ArtifactStore
+
+    env = RunEnv(**spec["env"])
+    store = ArtifactStore(env.storage_root)
+    inputs = {}
+    for slot, value in spec["inputs"].items():
+        if isinstance(value, str) and not Path(value).exists() and slot in spec["refs"]:
+            value = materialize_input(store, spec["refs"][slot], env.tracking_uri)
+        inputs[slot] = Path(value) if isinstance(value, str) and Path(value).exists() else value
+    os.environ[TRAINER_OUTPUT_ENV] = spec["trainer_output"]
+    ctx = StageContext(seed=spec["seed"], env=env, run_id=spec["run_id"] if is_main_process() else None,
+                       stage=spec["stage"], cache_key=spec["cache_key"], round=spec["round"], refs=spec["refs"])
+    out = Path(tempfile.mkdtemp(prefix="posttrain-ray-out-"))
+    metrics = spec["function"](spec["config"], inputs, out, ctx)
+    ctx.flush()
+    return metrics, out
 
 
 def _launch_failure(t: TrainingSettings, code: int, scratch: Path) -> RankFailed:

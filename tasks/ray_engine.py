@@ -26,7 +26,6 @@ import logging
 import os
 import tempfile
 import threading
-import uuid
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -48,28 +47,29 @@ class RayResources(Section):
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs each worker reserves (training: NCCL when > 0).")
     memory_gb_per_worker: float | None = Field(None, gt=0, description="Memory each worker reserves, in GB "
                                                "(Ray places workers only where it fits); none: not reserved.")
+    max_failures: int = Field(1, ge=0, description="Worker failures Ray Train recovers from inside one attempt "
+                              "(it restarts the workers, which resume from the newest stored checkpoint); "
+                              "beyond that the stage fails as transient and Prefect retries it.")
 
 
 class RaySettings(RayResources):
     address: str | None = Field(None, description="Ray cluster to join: 'auto' (this node's cluster), host:6379, "
                                 "or ray://host:10001 (Ray Client); none starts a local Ray runtime.")
-    max_failures: int = Field(1, ge=0, description="Worker failures Ray Train recovers from inside one attempt "
-                              "(it restarts the workers, which resume from the newest stored checkpoint); "
-                              "beyond that the stage fails as transient and Prefect retries it.")
     storage: str | None = Field(None, description="Where Ray Train hands the output from rank 0 to the stage: "
                                 "a path or URI every node can reach; default <storage.root>/ray-train.")
     scratch: str | None = Field(None, description="Folder the ranks share for a checkpoint's per-rank RNG state "
                                 "(the same path on every node); default: the temp folder, shared only by "
                                 "workers on one machine. Set it to a shared mount on a multi-machine cluster "
                                 "when training.checkpoint_steps is used.")
-    stages: dict[str, RayResources] = Field(default_factory=dict, description="Resources per stage instance, "
-                                            "e.g. {sft: {workers: 4, gpus_per_worker: 1}}; others use the above.")
+    stages: dict[str, RayResources] = Field(default_factory=dict, description="Resources (and failure budget) per "
+                                            "stage instance, e.g. {sft: {workers: 4, gpus_per_worker: 1}}; what a "
+                                            "stage does not set comes from the settings above.")
 
     def for_stage(self, instance: str) -> dict:
-        """The settings one stage instance runs with (its resources, the cluster's settings)."""
+        """The settings one stage instance runs with (what its entry sets, the rest from the cluster's)."""
         base = self.model_dump(mode="json", exclude={"stages"})
         if instance in self.stages:
-            base |= self.stages[instance].model_dump(mode="json")
+            base |= self.stages[instance].model_dump(mode="json", exclude_unset=True)
         return base
 
 
@@ -178,56 +178,42 @@ def _storage(storage_root: str, storage: str | None) -> tuple[str, Any]:
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def train(function: Callable, t, cfg, inputs: dict[str, Any], out: Path, ctx) -> dict:
-    """Run `function(cfg, inputs, out, ctx)` data-parallel on the stage's Ray workers; returns rank 0's metrics."""
+def train(rank_fn: Callable, spec: dict, settings: dict, storage_root: str, name: str, out: Path,
+          classify: Callable[[BaseException], bool], stage: str | None = None) -> dict:
+    """Run `rank_fn(spec)` on `settings["workers"]` Ray Train workers (torch.distributed set up); it returns
+    (metrics, output folder) on rank 0. The output folder comes back into `out`; returns rank 0's metrics plus
+    ray/workers and ray/nodes. A failure is raised as TransientRayFailure when a worker or node went away or
+    `classify` calls the worker's error transient, else as RayStageFailed."""
     import ray.train
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    s = ctx.env.ray
-    connect(s)
-    training = per_worker_training(t, s["workers"])
-    worker_cfg = cfg.model_copy(update={"training": training}) if getattr(cfg, "training", None) is t else cfg
-    name = f"{ctx.cache_key or 'stage'}-{uuid.uuid4().hex[:8]}"
-    storage_path, storage_fs = _storage(ctx.env.storage_root, s.get("storage"))
-    scratch = Path(s.get("scratch") or tempfile.gettempdir()) / "posttrain-ray" / name
-    spec = {
-        "function": function, "config": worker_cfg, "inputs": {k: v if isinstance(v, dict) else str(v)
-                                                                for k, v in inputs.items()},
-        "refs": ctx.refs, "seed": ctx.seed, "env": ctx.env.to_dict(), "run_id": ctx.run_id, "stage": ctx.stage,
-        "cache_key": ctx.cache_key, "round": ctx.round, "trainer_output": str(scratch / "trainer"),
-    }
-    if ctx.run_id:
-        from tasks import tracking
-
-        tracking.set_tags(ctx.env.tracking_uri, ctx.run_id, {"posttrain.ray.train_run": name,
-                                                             "posttrain.ray.workers": str(s["workers"])})
-    _warn_unless_it_fits(s, s["workers"], ctx.stage)
-    logger.info("[%s] training on %d Ray workers (%s each), global batch %d = %d per worker", ctx.stage,
-                s["workers"], _resources(s), t.batch_size * t.processes, training.batch_size)
+    connect(settings)
+    storage_path, storage_fs = _storage(storage_root, settings.get("storage"))
+    _warn_unless_it_fits(settings, settings["workers"], stage)
     trainer = TorchTrainer(
-        _worker_loop, train_loop_config=spec,
-        scaling_config=ScalingConfig(num_workers=s["workers"], use_gpu=bool(s["gpus_per_worker"]),
-                                     resources_per_worker=_resources(s)),
+        _worker_loop, train_loop_config={"rank_fn": rank_fn, "spec": spec},
+        scaling_config=ScalingConfig(num_workers=settings["workers"], use_gpu=bool(settings["gpus_per_worker"]),
+                                     resources_per_worker=_resources(settings)),
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
-                             failure_config=FailureConfig(max_failures=s["max_failures"]),
+                             failure_config=FailureConfig(max_failures=settings["max_failures"]),
                              worker_runtime_env={"env_vars": _worker_env()}),
     )
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
-        raise _failure(exc) from exc
-    finally:
-        import shutil
-
-        shutil.rmtree(scratch, ignore_errors=True)
+        raise _failure(exc, classify) from exc
     result.checkpoint.to_directory(str(out))
     try:
-        fs = result.checkpoint.filesystem
-        fs.delete_dir(f"{storage_path.rstrip('/')}/{name}")
+        result.checkpoint.filesystem.delete_dir(f"{storage_path.rstrip('/')}/{name}")
     except Exception as e:  # noqa: BLE001 - leftover hand-over files are harmless
-        logger.info("[%s] Ray Train's run folder %s/%s not removed: %s", ctx.stage, storage_path, name, e)
+        logger.info("[%s] Ray Train's run folder %s/%s not removed: %s", stage, storage_path, name, e)
     return result.metrics["metrics"]
+
+
+def scratch_folder(settings: dict, name: str) -> Path:
+    """The folder the ranks of one training run share (see RaySettings.scratch)."""
+    return Path(settings.get("scratch") or tempfile.gettempdir()) / "posttrain-ray" / name
 
 
 def _worker_env() -> dict[str, str]:
@@ -236,49 +222,29 @@ def _worker_env() -> dict[str, str]:
     return {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **{k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}}
 
 
-def _worker_loop(spec: dict) -> None:
-    """One Ray Train worker: materialize the inputs on this node, train, and (rank 0) hand back the output."""
+def _worker_loop(config: dict) -> None:
+    """One Ray Train worker: the rank's work, then the nodes the ranks ran on, and (rank 0) the output."""
     import torch.distributed as dist
 
     import ray
     import ray.train
     from ray.train import Checkpoint
 
-    from tasks.ranks import TRAINER_OUTPUT_ENV
-    from tasks.stage import RunEnv, StageContext, materialize_input
-    from tasks.store import ArtifactStore
-
-    rank = ray.train.get_context().get_world_rank()
-    env = RunEnv(**spec["env"])
-    store = ArtifactStore(env.storage_root)
-    inputs = {}
-    for slot, value in spec["inputs"].items():
-        if isinstance(value, str) and not Path(value).exists() and slot in spec["refs"]:
-            value = materialize_input(store, spec["refs"][slot], env.tracking_uri)  # another node: from the store
-        inputs[slot] = Path(value) if isinstance(value, str) and Path(value).exists() else value
-    os.environ[TRAINER_OUTPUT_ENV] = spec["trainer_output"]
-    ctx = StageContext(seed=spec["seed"], env=env, run_id=spec["run_id"] if rank == 0 else None,
-                       stage=spec["stage"], cache_key=spec["cache_key"], round=spec["round"], refs=spec["refs"])
-    out = Path(tempfile.mkdtemp(prefix="posttrain-ray-out-"))
-    metrics = spec["function"](spec["config"], inputs, out, ctx)
-    ctx.flush()
-    nodes = [None] * dist.get_world_size() if dist.is_initialized() else [None]
-    node = ray.get_runtime_context().get_node_id()
+    metrics, out = config["rank_fn"](config["spec"])
+    nodes = [ray.get_runtime_context().get_node_id()]
     if dist.is_initialized():
-        dist.all_gather_object(nodes, node)
-    else:
-        nodes = [node]
-    if rank == 0:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, nodes[0])
+        nodes = gathered
+    if ray.train.get_context().get_world_rank() == 0:
         metrics = {**metrics, "ray/workers": float(len(nodes)), "ray/nodes": float(len(set(nodes)))}
         ray.train.report({"metrics": metrics}, checkpoint=Checkpoint.from_directory(str(out)))
     else:
         ray.train.report({})
 
 
-def _failure(exc) -> RayStageFailed:
+def _failure(exc, is_transient: Callable[[BaseException], bool]) -> RayStageFailed:
     """The first worker's error, classified: worker or node death and transient errors are transient."""
-    from tasks.stage import is_transient
-
     failures = getattr(exc, "worker_failures", None) or {}
     if not failures:
         cause = getattr(exc, "controller_failure", exc)

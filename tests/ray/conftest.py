@@ -20,7 +20,7 @@ def prefect_server(prefect_harness):
     yield
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # stopped once the tier is done: its daemons would slow every test after it
 def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster

@@ -19,11 +19,13 @@ def _recipe(orchestration):
 
 def test_stages_go_to_ray_by_engine_or_by_name_with_their_own_resources():
     cfg = _recipe({"stage_engines": {"sft": "ray", "align": "ray"},
-                   "ray": {"address": "ray://head:10001", "workers": 2, "stages": {"align": {"workers": 4}}}})
+                   "ray": {"address": "ray://head:10001", "workers": 2, "cpus_per_worker": 4,
+                           "stages": {"align": {"workers": 4, "max_failures": 0}}}})
     assert cfg.orchestration.ray_settings("reward") is None
     assert cfg.orchestration.ray_settings("sft")["workers"] == 2
     align = cfg.orchestration.ray_settings("align")
-    assert align["workers"] == 4 and align["address"] == "ray://head:10001" and "stages" not in align
+    assert align["workers"] == 4 and align["max_failures"] == 0 and "stages" not in align
+    assert align["address"] == "ray://head:10001" and align["cpus_per_worker"] == 4, "what align does not set"
     everything = _recipe({"engine": "ray", "stage_engines": {"evaluate": "local"}})
     assert everything.orchestration.ray_settings("pretrain") and not everything.orchestration.ray_settings("evaluate")
 
