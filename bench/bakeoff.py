@@ -185,14 +185,14 @@ def report(rows: list[dict]) -> list[str]:
         print(f"| {r['seed']} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
     for name, agg in (("mean", statistics.mean), ("min", min)):
         print(f"| **{name}** | " + " | ".join(f"{agg(r[c] for r in rows):.3f}" for c in cols) + " |")
-    print(f"| **min − SFT** | — | " + " | ".join(f"{min(r[c] - r['sft'] for r in rows):+.3f}" for c in METHODS) + " |")
-    print(f"| **mean − SFT** | — | " + " | ".join(f"{statistics.mean(r[c] - r['sft'] for r in rows):+.3f}"
+    print("| **min − SFT** | — | " + " | ".join(f"{min(r[c] - r['sft'] for r in rows):+.3f}" for c in METHODS) + " |")
+    print("| **mean − SFT** | — | " + " | ".join(f"{statistics.mean(r[c] - r['sft'] for r in rows):+.3f}"
                                                for c in METHODS) + " |")
     print("\nKL to SFT (evaluate's Monte-Carlo estimate), per seed: "
           + "; ".join(f"seed {r['seed']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["kl"].items() if v is not None)
                       for r in rows))
-    print(f"\nSPIN on the sloppy demonstrations (the control): share of SFT prompts where the model's reply equals "
-          f"the annotator's, before round 1 / before round 2: "
+    print("\nSPIN on the sloppy demonstrations (the control): share of SFT prompts where the model's reply equals "
+          "the annotator's, before round 1 / before round 2: "
           + "; ".join(f"seed {r['seed']}: {r['spin_matched'][0]:.3f} / {r['spin_matched'][1]:.3f}" for r in rows)
           + f"; {ANNOTATOR_ACCURACY_NOTE}: {annotator_accuracy():.3f}")
     print("\nSPIN on correct demonstrations (configs/spin.yaml): under-trained SFT -> SPIN round 2 vs SFT + the "

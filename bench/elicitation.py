@@ -63,7 +63,7 @@ def ceiling(found: dict, seed: int) -> float:
     """Held-out accuracy of the ensemble on the same frozen features when every careful-grader pair is a label:
     what the features can hold at most."""
     from flows.config import load_config
-    from tasks.data import load_split
+    from tasks.splits import load_split
     from tasks.elicit import Ensemble, Features
     from tasks.store import ArtifactStore, Ref
 

@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
+from flows.graph import graph_problems, instance_settings  # noqa: F401 - instance_settings is re-exported
 from tasks.kinds import StageKind, kinds
 from tasks.ray_engine import RaySettings
 from tasks.store import state_home
@@ -118,11 +119,6 @@ INSTANCE_MODELS = {name: _instance_model(kind) for name, kind in kinds().items()
 StageInstance = Annotated[Union[tuple(INSTANCE_MODELS.values())], Field(discriminator="kind")]
 
 
-def instance_settings(instance: Section) -> dict:
-    """An instance's settings as its kind's config dict (what the stage task receives and keys on)."""
-    return instance.model_dump(mode="json", exclude={"kind", "inputs", "rounds"})
-
-
 class PipelineConfig(Section):
     name: str = Field("posttrain", description="Pipeline name; the MLflow parent run is named after it.")
     seed: int = Field(0, description="Seed for data splits, initialisation, sampling and training order.")
@@ -163,8 +159,6 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _graph_is_sound(self) -> "PipelineConfig":
-        from flows.graph import graph_problems
-
         problems = graph_problems(self)
         o = self.orchestration
         for setting, names in (("stage_pools", o.stage_pools), ("stage_engines", o.stage_engines),

@@ -56,6 +56,8 @@ def instance_problems(name: str, inst, producers: dict[str, Producer], known: li
         if slot.required and slot_name not in inst.inputs:
             problems.append(f"{where}.inputs: missing input {slot_name!r} ({VALUE_TYPES[slot.type]}: "
                             f"{slot.description})")
+    if kind.input_problems:
+        problems += [f"{where}: {problem}" for problem in kind.input_problems(inst, dict(inst.inputs))]
     for slot_name, value in inst.inputs.items():
         slot = kind.slot(slot_name)
         at = f"{where}.inputs.{slot_name}"
@@ -118,10 +120,13 @@ def _find_cycle(edges: dict[str, list[str]]) -> list[str] | None:
     return None
 
 
+def instance_settings(instance) -> dict:
+    """An instance's settings as its kind's config dict (what the stage task receives and keys on)."""
+    return instance.model_dump(mode="json", exclude={"kind", "inputs", "rounds"})
+
+
 def build_nodes(cfg: "PipelineConfig") -> list[Node]:
     """The nodes to run, in dependency order (recipe order among nodes whose inputs are ready)."""
-    from flows.config import instance_settings
-
     last_round = {name: (name if inst.rounds == 1 else f"{name}.round{inst.rounds}")
                   for name, inst in cfg.stages.items()}
     nodes: dict[str, Node] = {}

@@ -120,7 +120,8 @@ def open_pipeline_run(cfg: PipelineConfig, extra_tags: dict[str, str] | None = N
     tracking.log_dict(uri, run_id, machine, "config/hardware.json")
     env = RunEnv(storage_root=cfg.storage.root, tracking_uri=uri, experiment_id=experiment_id,
                  parent_run_id=run_id, trust_remote_code=cfg.model.trust_remote_code,
-                 log_model_max_mb=cfg.tracking.log_model_max_mb, recipe=cfg.name, source_tags=sources)
+                 log_model_max_mb=cfg.tracking.log_model_max_mb, recipe=cfg.name, source_tags=sources,
+                 reproduction_of=said.get("posttrain.reproduction_of", ""))
     _run_logger().info("MLflow parent run %s", tracking.run_link(uri, experiment_id, run_id))
     return env.to_dict()
 

@@ -148,7 +148,7 @@ class _Runner:
             "timings": result.get("timings", {}),
             "metrics": result["metrics"],
         })
-        if node.kind.output in MODEL_OUTPUTS:
+        if node.kind.output in MODEL_OUTPUTS and not self.env.get("reproduction_of"):  # a reproduction registers nothing
             self.outcomes[-1]["registered_model"] = self._register(node, result, run_id, params["inputs"])
         return result["output"]
 

@@ -9,7 +9,7 @@ from typing import Callable
 
 from pydantic import Field
 
-from tasks.training import Section, TrainingSettings
+from tasks.training import Section, TrainingSettings, stage_training
 
 
 class AlignmentSettings(Section):
@@ -25,7 +25,7 @@ def train_policy(cfg: AlignmentSettings, data: Path, policy: Path | str, out: Pa
     when given: self-play and judged rounds generate their pairs there), build the method's trainer with
     `make_trainer(trainer_kwargs, train_split, common_kwargs)`, train (resuming from a stored checkpoint), save
     the policy to `out`."""
-    from tasks.data import load_split
+    from tasks.splits import load_split
     from tasks.modeling import load_causal_lm, load_tokenizer, save_model
     from tasks.training import final_train_metrics, peft_config, seed_everything, trainer_kwargs, train_with_checkpoints
 
@@ -73,7 +73,7 @@ def run_alignment(train_function, cfg: AlignmentSettings, inputs: dict, out: Pat
     the pairs it made, if any)."""
     from tasks import tracking
     from tasks.launch import run_training
-    from tasks.sft import log_data_split
+    from tasks.splits import log_data_split
 
     log_data_split(ctx, inputs["data"], data_kind)
     metrics = run_training(train_function, cfg.training, cfg, inputs, out, ctx)
@@ -81,3 +81,31 @@ def run_alignment(train_function, cfg: AlignmentSettings, inputs: dict, out: Pat
     if ctx.run_id and (out / PAIRS_FILE).exists():
         tracking.log_artifact(ctx.env.tracking_uri, ctx.run_id, out / PAIRS_FILE, "pairs")
     return metrics
+
+
+# ---- DPO's settings and trainer, shared by the dpo, spin, online_dpo and elicit kinds -----------------------
+
+DPOTraining = stage_training("DPOTraining", "TRL DPOConfig (lr 1e-6, max_length 1024, batch 8), one epoch as in the "
+                             "alignment-handbook DPO recipes", learning_rate=1e-6, epochs=1.0)
+
+
+class DPOStageConfig(AlignmentSettings):
+    loss_type: list[str] = Field(
+        default_factory=lambda: ["sigmoid"],
+        description="TRL DPO loss types, combined; adding 'sft' adds the chosen replies' likelihood (RPO) and keeps "
+        "the policy from drifting to degenerate replies.",
+    )
+    loss_weights: list[float] | None = Field(None, description="Weight of each loss type (default 1.0 each).")
+    training: DPOTraining = Field(default_factory=DPOTraining, description="Hyperparameters of the DPO run.")
+
+
+def dpo_trainer(cfg: DPOStageConfig):
+    """make_trainer for train_policy: TRL's DPOTrainer with the stage's loss (dpo, spin, online_dpo)."""
+    def make_trainer(base_args: dict, train, common: dict):
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(**base_args, beta=cfg.beta, max_length=cfg.training.max_length,
+                         loss_type=cfg.loss_type, loss_weights=cfg.loss_weights)
+        return DPOTrainer(args=args, train_dataset=train, **common)
+
+    return make_trainer

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -43,39 +42,14 @@ from pydantic import Field
 
 from tasks.kinds import StageKind
 from tasks.shapes import DataError, EmptyReply, Identical, NothingTrained, normalize, prompt_text, row_text
+from tasks.sources import DatasetSource
+from tasks.splits import schema, split_files
 from tasks.training import Section
 
 logger = logging.getLogger("posttrain")
 KINDS = ("sft", "preference", "unpaired", "eval", "text")
 TRAINING_KINDS = ("sft", "preference", "unpaired", "text")
-Format = Literal["auto", "jsonl", "json", "parquet", "csv", "hf"]
-BOOKKEEPING = ("task", "source", "row")
 SAMPLES_PER_REASON = 5
-
-
-class DatasetSource(Section):
-    source: str = Field(description="Path, fsspec URI (s3://...), `hf:<name>` or `synthetic:arithmetic/<part>`.")
-    format: Format = Field("auto", description="File format; 'auto' decides by the file extension.")
-    split: str = Field("train", description="Split to read when the source is a Hugging Face data set.")
-    revision: str | None = Field(
-        None, description="Hugging Face data set revision (branch, tag or commit); resolved to a commit that keys the "
-        "cache and is recorded with the run. Default: main at the time of the run.")
-    columns: dict[str, str] = Field(
-        default_factory=dict, description="Rename columns before normalizing, e.g. {question: prompt}."
-    )
-    weight: float = Field(
-        1.0, gt=0, description="Fraction of this source's rows kept after filtering, sampled with the recipe's seed: "
-        "0.25 keeps about a quarter, 2.0 every row twice, 1.5 every row once and about half of them again. It is not "
-        "the share of the mix: the shares that result are reported per task in stats.json and MLflow.")
-    task: str | None = Field(
-        None, description="Task tag every row of this source carries through to evaluation (per-task metrics). "
-        "Default: the file or data set name.")
-
-    def tag(self) -> str:
-        if self.task:
-            return self.task
-        name = self.source.removeprefix("hf:").rstrip("/").split("?")[0]
-        return re.sub(r"\.(jsonl|ndjson|json|parquet|csv)(\.gz|\.zst|\.zstd)?$", "", name.rsplit("/", 1)[-1]) or name
 
 
 Sources = DatasetSource | list[DatasetSource] | None
@@ -297,27 +271,6 @@ def process_batch(job: _Job) -> dict:
             "hits": hits, "frequent_shingles": frequent, "bands": bands, "prompts": prompts,
             "part": job.part if kept else None,
             "source": job.source_index}
-
-
-def schema(kind: str, tools: bool = True, weights: bool = True):
-    """A kind's columns; without `tools` and `weights`, messages are plain {role, content} (what every chat
-    template reads); `weight` (0: a context turn, never trained) is kept when a row has one."""
-    import pyarrow as pa
-
-    call = pa.struct([("type", pa.string()),
-                      ("function", pa.struct([("name", pa.string()), ("arguments", pa.string())]))])
-    message = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())] + (
-        [("tool_calls", pa.list_(call)), ("tool_call_id", pa.string()), ("name", pa.string())] if tools else []) + (
-        [("weight", pa.int8())] if weights else [])))
-    fields = {
-        "sft": [("prompt", message), ("completion", message), ("tools", pa.string())],
-        "preference": [("prompt", message), ("chosen", message), ("rejected", message), ("tools", pa.string())],
-        "unpaired": [("prompt", message), ("completion", message), ("label", pa.bool_())],
-        "eval": [("prompt", message), ("reference", pa.string())],
-        "text": [("text", pa.string())],
-    }[kind]
-    fields = [f for f in fields if tools or f[0] != "tools"]
-    return pa.schema(fields + [("task", pa.string()), ("source", pa.int32()), ("row", pa.int64())])
 
 
 # ---- the whole-kind decisions and the output ---------------------------------------------------
@@ -867,32 +820,6 @@ class _ShardWriter:
 
 
 # ---- reading prepared data -------------------------------------------------------------------
-
-
-def split_files(data_dir: Path, kind: str, split: str) -> list[Path]:
-    return sorted((Path(data_dir) / kind).glob(f"{split}-*.parquet"))
-
-
-def load_split(data_dir: Path, kind: str, split: str, keep_tags: bool = False):
-    """A prepared split as a datasets.Dataset (Arrow, memory-mapped), or None when there is none. The
-    bookkeeping columns (source, row; and task unless `keep_tags`) are left out."""
-    import datasets
-
-    files = split_files(data_dir, kind, split)
-    if not files:
-        return None
-    quiet = datasets.utils.are_progress_bars_disabled()
-    datasets.utils.disable_progress_bars()  # a bar per load says nothing the stage's own lines do not
-    try:
-        ds = datasets.Dataset.from_parquet([str(f) for f in files])
-    finally:
-        if not quiet:
-            datasets.utils.enable_progress_bars()
-    if len(ds) == 0:
-        return None
-    dropped = [c for c in BOOKKEEPING + ("provenance",)  # provenance: a synthesize stage's per-row record
-               if c in ds.column_names and not (keep_tags and c == "task")]
-    return ds.remove_columns(dropped)
 
 
 # ---- stage kind ------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tasks.dpo import DPOStageConfig
+from tasks.align import DPOStageConfig
 from tasks.judges import JudgeSettings, check_function_spec, judge_slots, missing_judge_input
 from tasks.kinds import Slot, StageKind
 from tasks.training import Section
@@ -105,13 +105,22 @@ class ElicitConfig(Section):
                                   "on the decided pairs so far; the next round samples its candidates from it.")
 
     @model_validator(mode="after")
-    def _judge_inputs(self) -> "ElicitConfig":
-        inputs = getattr(self, "inputs", None)
-        if self.rater.kind == "judge" and inputs is not None:
-            problem = missing_judge_input([self.rater.judge], inputs)
-            if problem:
-                raise ValueError(f"rater: {problem}")
+    def _nested_dpo_trains_here(self) -> "ElicitConfig":
+        # the round's DPO trains inside the elicit stage's own process, without store checkpoints: settings
+        # that would ask for more are refused rather than ignored
+        t = self.dpo.training if self.dpo is not None else None
+        if t is not None and (t.processes != 1 or t.checkpoint_steps or t.launcher != "torchrun"):
+            raise ValueError("dpo.training: the DPO inside elicit trains in the stage's process, without "
+                             "checkpoints; processes, checkpoint_steps and launcher are not supported there "
+                             f"(got processes={t.processes}, checkpoint_steps={t.checkpoint_steps}, "
+                             f"launcher={t.launcher}); train a separate dpo stage on elicit's output for those")
         return self
+
+
+
+def input_problems(cfg: ElicitConfig, inputs: dict[str, str]) -> list[str]:
+    problem = missing_judge_input([cfg.rater.judge], inputs) if cfg.rater.kind == "judge" else None
+    return [f"rater: {problem}"] if problem else []
 
 
 # ---- the epistemic reward model ---------------------------------------------------------------------------------
@@ -313,7 +322,7 @@ def _pass_through(data: Path, out: Path) -> None:
 
 def _prompt_pool(data: Path) -> list[list[dict]]:
     """The prompts a first round may ask about: the preference prompts of the prepared data, each once."""
-    from tasks.data import load_split
+    from tasks.splits import load_split
 
     train = load_split(data, "preference", "train")
     if train is None:
@@ -333,7 +342,7 @@ def _write_pairs(out: Path, queries: list[dict]) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasks.data import schema
+    from tasks.splits import schema
 
     rows = []
     for q in queries:
@@ -364,7 +373,7 @@ def elicit_round(cfg: ElicitConfig, data: Path, policy: Path | str, out: Path, s
     """One elicitation round from `data` (prepared data, or the previous round's output) into `out`."""
     import torch
 
-    from tasks.data import load_split
+    from tasks.splits import load_split
     from tasks.generation import sample_replies
     from tasks.modeling import free, load_causal_lm, load_tokenizer
 
@@ -502,7 +511,7 @@ def _best_of_k_win_rates(cfg, ensemble, features, model, tokenizer, policy, gene
 def _train_dpo(cfg: DPOStageConfig, data: Path, policy, out: Path, seed: int, trust_remote_code: bool) -> None:
     """DPO (TRL DPOTrainer) from the starting policy on the decided pairs so far."""
     from tasks.align import train_policy
-    from tasks.dpo import dpo_trainer
+    from tasks.align import dpo_trainer
     from tasks.stage import StageContext
 
     ctx = StageContext(seed=seed, env=None, run_id=None, stage="elicit-dpo")
@@ -546,6 +555,7 @@ KIND = StageKind(
     description="Feedback elicitation: rounds of sample K replies -> pick the pair that teaches most (passive, "
     "boltzmann, infomax, double Thompson sampling over a reward ensemble) -> ask a rater -> refit; optional DPO.",
     config=ElicitConfig,
+    input_problems=input_problems,
     inputs={
         "data": Slot("data", "prepared data: preference prompts to ask about, held-out pairs and eval prompts to "
                      "measure with (a later round: the previous round's output)", data=("preference", "eval")),

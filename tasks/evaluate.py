@@ -16,20 +16,18 @@ win-rate matrix, reward distributions.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from tasks.harness import HarnessSettings
 from tasks.judges import JudgeSettings, missing_judge_input
 from tasks.kinds import Slot, StageKind
 from tasks.prompts import PROMPT_SLOT_HELP
+from tasks.scoring import EVALUATION_METRICS, answer_matches, bootstrap_intervals
 from tasks.training import Section
 
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-EVALUATION_METRICS = "metrics.json"  # in the evaluate stage's output: every metric it reports
 
 
 class EvaluationVerifier(Section):
@@ -99,49 +97,15 @@ class EvaluateConfig(Section):
         "it, float32 otherwise.",
     )
 
-    @model_validator(mode="after")
-    def _judge_has_its_input(self) -> "EvaluateConfig":
-        inputs = getattr(self, "inputs", None)
-        problem = missing_judge_input([self.judge], inputs) if self.judge is not None and inputs is not None else None
-        if problem:
-            raise ValueError(problem)
-        if self.forgetting is not None and inputs is not None and self.forgetting.anchor not in inputs:
-            raise ValueError(f"forgetting.anchor {self.forgetting.anchor!r} is not an input of this stage "
-                             f"(inputs: {', '.join(sorted(inputs))})")
-        return self
 
 
-def answer_matches(response: str, reference: str) -> bool:
-    """Exact match after trimming; for a numeric reference, the first number in the response."""
-    clean = lambda s: s.strip().strip(".!").strip().lower()  # noqa: E731
-    if clean(response) == clean(reference):
-        return True
-    if _NUMBER.fullmatch(reference.strip()):
-        found = _NUMBER.search(response)
-        return found is not None and float(found.group()) == float(reference)
-    return False
-
-
-def bootstrap_intervals(per_prompt: dict[str, list[float]], samples: int, confidence: float,
-                        seed: int) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap intervals of the mean of each series, all resampled with the same prompt indices
-    (seeded), so intervals of differences built from paired series are paired too."""
-    import numpy as np
-
-    lengths = {len(v) for v in per_prompt.values()}
-    if not per_prompt or samples == 0:
-        return {}
-    if len(lengths) != 1:
-        raise ValueError(f"bootstrap: series of different lengths {sorted(lengths)}")
-    n = lengths.pop()
-    index = np.random.default_rng(seed).integers(0, n, size=(samples, n))
-    tail = (1 - confidence) / 2 * 100
-    out = {}
-    for name, values in per_prompt.items():
-        means = np.asarray(values, dtype=float)[index].mean(axis=1)
-        low, high = np.percentile(means, [tail, 100 - tail])
-        out[name] = (float(low), float(high))
-    return out
+def input_problems(cfg: EvaluateConfig, inputs: dict[str, str]) -> list[str]:
+    problem = missing_judge_input([cfg.judge], inputs) if cfg.judge is not None else None
+    problems = [problem] if problem else []
+    if cfg.forgetting is not None and cfg.forgetting.anchor not in inputs:
+        problems.append(f"forgetting.anchor {cfg.forgetting.anchor!r} is not an input of this stage "
+                        f"(inputs: {', '.join(sorted(inputs))})")
+    return problems
 
 
 def _anchor_replies(cfg: EvaluateConfig, models: dict, prompts_file: dict | None, trust_remote_code: bool,
@@ -191,7 +155,7 @@ def evaluate(cfg: EvaluateConfig, data: Path, models: dict[str, Path | str], rew
     `template` (tasks/prompts.py) wraps each question the models are asked; rewards and judges see the question."""
     from tasks.prompts import wrap
 
-    from tasks.data import load_split
+    from tasks.splits import load_split
     from tasks.generation import generate, reply_logprobs, reward_scores
     from tasks.judges import load_function
     from tasks.modeling import free, load_causal_lm, load_reward_model, load_tokenizer
@@ -390,7 +354,7 @@ def _work(cfg: EvaluateConfig, inputs: dict, out: Path, ctx) -> dict[str, float]
     from tasks import tracking
     from tasks.judges import stage_judge
     from tasks.prompts import template_of
-    from tasks.sft import log_data_split
+    from tasks.splits import log_data_split
 
     # every input but the named slots (data, reward, judge) and source inputs (judge.prompt.*, harness.tasks)
     models = {name: source for name, source in inputs.items() if name not in KIND.inputs and "." not in name}
@@ -421,7 +385,7 @@ def evaluation_sources(cfg: EvaluateConfig, tracking_uri: str | None = None) -> 
     verifiers = {f"verifier.{v.name}": function_source(v.function) for v in cfg.verifiers}
     forgetting = {}
     if cfg.forgetting is not None:
-        from tasks.sources import _object_digest, file_digest
+        from tasks.fingerprints import _object_digest, file_digest
 
         uri = cfg.forgetting.prompts
         local = Path(uri.removeprefix("file://"))
@@ -451,6 +415,7 @@ KIND = StageKind(
     description="Generate with every policy input on the held-out prompts; task accuracy, reward-model score, "
     "win rate and KL against the reference input.",
     config=EvaluateConfig,
+    input_problems=input_problems,
     inputs={
         "data": Slot("data", "prepared data with held-out eval prompts", data=("eval",)),
         "reward": Slot("reward", "the reward model that scores replies and judges win rates", required=False),

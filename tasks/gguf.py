@@ -114,7 +114,7 @@ def resolve(reference: str, digest: bool = True) -> dict:
     """A `.gguf` model reference as a stage input {uri, digest, kind: model, gguf: true[, revision]}, keyed by the
     file: a local file's SHA-256 (remembered by path, size and mtime), an object store's ETag, or a Hub file's
     resolved commit. `digest=False` only checks that it is there (pre-flight)."""
-    from tasks.sources import _object_digest, file_digest, resolve_hub_revision
+    from tasks.fingerprints import _object_digest, file_digest, resolve_hub_revision
     from tasks.store import digest_json
 
     if "://" in reference and not reference.startswith("file://"):

@@ -186,7 +186,7 @@ class Harness:
 
 def harness_sources(cfg: HarnessSettings | None) -> dict[str, dict]:
     """The custom task folder's content as a stage input (its digest in the cache key)."""
-    from tasks.sources import file_digest
+    from tasks.fingerprints import file_digest
     from tasks.store import digest_json
 
     if cfg is None or not cfg.include_path:

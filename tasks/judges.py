@@ -143,7 +143,7 @@ def function_source(spec: str) -> dict:
     """A `module:function`'s module source as a stage input: editing the rule reruns the stage."""
     import importlib.util
 
-    from tasks.sources import file_digest
+    from tasks.fingerprints import file_digest
 
     spec_ = importlib.util.find_spec(spec.partition(":")[0])
     if spec_ is None or not spec_.origin or not Path(spec_.origin).is_file():

@@ -78,6 +78,17 @@ class StageKind:
     source_inputs: Callable[[Any, str | None], dict[str, dict]] | None = None
     # The metric whose value is the MLflow step of the stage's summary metrics: where its curves end.
     step: str = "train/steps"
+    # What the config needs from the inputs a recipe gives the instance (by slot name), in words:
+    # input_problems(config, inputs); flows/graph.py reports them with the graph's other problems.
+    input_problems: Callable[[Any, dict[str, str]], list[str]] | None = None
+    # For a kind whose output depends on state outside the store (the model registry) and whose work changes
+    # that state (registers, moves aliases): what a reproduction (RunEnv.reproduction_of) runs instead of
+    # `work`, deciding again against the state the original run recorded and changing nothing.
+    replay: Work | None = None
+
+    @property
+    def acts_on_world(self) -> bool:
+        return self.replay is not None
 
     @property
     def module(self) -> str:

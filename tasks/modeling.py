@@ -285,7 +285,7 @@ def resolve_model(reference: str, tracking_uri: str | None = None, digest: bool 
     if repo is None:
         raise FileNotFoundError(f"model {reference}: no such folder, and not a Hub id ({MODEL_REFERENCE_HELP})")
     revision = reference.partition("@")[2]
-    from tasks.sources import resolve_hub_revision
+    from tasks.fingerprints import resolve_hub_revision
 
     try:
         commit = resolve_hub_revision(repo, revision or None, "model")

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from tasks.align import keep_pairs, round_prompts, run_alignment, train_policy
-from tasks.dpo import DPOStageConfig, dpo_trainer
+from tasks.align import DPOStageConfig, dpo_trainer
 from tasks.judges import JudgeSettings, judge_slots, missing_judge_input
 from tasks.kinds import Slot, StageKind
 from tasks.training import stage_training
@@ -45,11 +45,12 @@ class OnlineDPOStageConfig(DPOStageConfig):
     def _compare_takes_two(self) -> "OnlineDPOStageConfig":
         if self.judge_mode == "compare" and self.samples_per_prompt != 2:
             raise ValueError("judge_mode compare judges two replies: set samples_per_prompt: 2")
-        inputs = getattr(self, "inputs", None)
-        problem = missing_judge_input([self.judge], inputs) if inputs is not None else None
-        if problem:
-            raise ValueError(problem)
         return self
+
+
+def input_problems(cfg: OnlineDPOStageConfig, inputs: dict[str, str]) -> list[str]:
+    problem = missing_judge_input([cfg.judge], inputs)
+    return [problem] if problem else []
 
 
 def judged_pairs(cfg: OnlineDPOStageConfig, train, model, tokenizer, judge, seed: int, round_: int):
@@ -129,6 +130,7 @@ KIND = StageKind(
     description="RLAIF: rounds of sample -> judge -> DPO (a reward model, rule, local model or OpenAI-compatible "
     "endpoint labels the policy's own replies).",
     config=OnlineDPOStageConfig,
+    input_problems=input_problems,
     inputs={
         "data": Slot("data", "prepared data whose preference prompts are sampled", data=("preference",)),
         "policy": Slot("policy", "the policy the round starts from, also its reference"),

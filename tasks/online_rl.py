@@ -39,16 +39,6 @@ class OnlineRLSettings(AlignmentSettings):
                                        "or judges are used too.")
 
     @model_validator(mode="after")
-    def _has_a_reward(self):
-        inputs = getattr(self, "inputs", None)  # present when validated as a recipe instance
-        if inputs is not None and "reward" not in inputs and not self.verifiers and not self.judges:
-            raise ValueError("no reward: give a `reward` input (a reward model), `verifiers`, `judges`, or some of them")
-        problem = missing_judge_input(self.judges, inputs) if inputs is not None else None
-        if problem:
-            raise ValueError(problem)
-        return self
-
-    @model_validator(mode="after")
     def _group_divides_batch(self):
         t = self.training
         if (t.batch_size * t.gradient_accumulation_steps) % self.num_generations:
@@ -116,3 +106,10 @@ def reward_sources(cfg: OnlineRLSettings, tracking_uri: str | None = None) -> di
         refs |= judge_sources(judge, ("score",), f"judge.{index}", tracking_uri)
     return refs
 
+
+def input_problems(cfg: OnlineRLSettings, inputs: dict[str, str]) -> list[str]:
+    """An online-RL stage needs something to reward with, and its judges their inputs."""
+    if "reward" not in inputs and not cfg.verifiers and not cfg.judges:
+        return ["no reward: give a `reward` input (a reward model), `verifiers`, `judges`, or some of them"]
+    problem = missing_judge_input(cfg.judges, inputs)
+    return [problem] if problem else []

@@ -110,7 +110,8 @@ def continue_pretraining(cfg: PretrainConfig, texts, base: Path | str, out: Path
 
 
 def _texts(cfg: PretrainConfig, inputs: dict):
-    from tasks.data import DatasetSource, load_split
+    from tasks.sources import DatasetSource
+    from tasks.splits import load_split
     from tasks.sources import read_rows
 
     if inputs.get("data") is not None:
@@ -161,7 +162,7 @@ KIND = StageKind(
 
 
 def _corpus_ref(cfg: PretrainConfig) -> dict[str, dict]:
-    from tasks.data import DatasetSource
+    from tasks.sources import DatasetSource
 
     if cfg.corpus is None:
         return {}

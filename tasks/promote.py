@@ -100,7 +100,7 @@ def current_champion(client, name: str, metric: str, data_digest: str) -> dict |
 
 def _work(cfg: PromoteConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
     from tasks import tracking
-    from tasks.evaluate import EVALUATION_METRICS
+    from tasks.scoring import EVALUATION_METRICS
 
     metrics = json.loads((Path(inputs["report"]) / EVALUATION_METRICS).read_text())
     name = cfg.registered_model or tracking.registered_name(ctx.env.recipe, "policy")
@@ -140,6 +140,49 @@ def _work(cfg: PromoteConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
     return {"promote/champion": float(passed), "promote/version": float(version)}
 
 
+def _replay(cfg: PromoteConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
+    """A reproduction's promote: the gate decided again on this run's evaluation against the champion the
+    original run saw, written as the original wrote it; the registry is not touched."""
+    import logging
+
+    from tasks import tracking
+    from tasks.scoring import EVALUATION_METRICS
+
+    metrics = json.loads((Path(inputs["report"]) / EVALUATION_METRICS).read_text())
+    recorded = recorded_decision(ctx.env.tracking_uri, ctx.env.reproduction_of, ctx.stage)
+    passed, reasons = gate_decision(metrics, cfg.gate, cfg.candidate, recorded["champion_before"])
+    decision = {"registered_model": recorded["registered_model"], "version": recorded["version"],
+                "alias": CHAMPION if passed else CHALLENGER, "passed": passed, "reasons": reasons,
+                "champion_before": recorded["champion_before"]}
+    (out / "decision.json").write_text(json.dumps(decision, indent=2))
+    tracking.set_tags(ctx.env.tracking_uri, ctx.run_id, {"posttrain.promote.replayed_from": ctx.env.reproduction_of,
+                                                         "posttrain.gate.reasons": "; ".join(reasons)[:5000]})
+    logging.getLogger("posttrain").info(
+        "[%s] reproduction: the gate says %s (the original: %s), against the champion the original saw; the "
+        "registry is left as it is", ctx.stage, decision["alias"], recorded["alias"])
+    return {"promote/champion": float(passed), "promote/version": float(recorded["version"])}
+
+
+def recorded_decision(tracking_uri: str, pipeline_run_id: str, stage: str) -> dict:
+    """The decision.json the promote stage `stage` of pipeline run `pipeline_run_id` wrote (from its output in
+    the artifact store its MLflow run names)."""
+    from tasks import tracking
+    from tasks.store import ArtifactStore, Ref
+
+    client = tracking.client(tracking_uri)
+    parent = client.get_run(pipeline_run_id)
+    runs = client.search_runs([parent.info.experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{pipeline_run_id}' and tags.`posttrain.stage` = '{stage}'"))
+    tags = runs[0].data.tags if runs else {}
+    if "posttrain.output_uri" not in tags:
+        raise ValueError(f"reproduction of {pipeline_run_id}: that run has no finished stage {stage!r} to replay "
+                         f"the promotion decision of")
+    uri, digest = tags["posttrain.output_uri"], tags["posttrain.output_digest"]
+    root = uri.rsplit("/", 2)[0]  # outputs live at <root>/<area>/<cache key>
+    folder = ArtifactStore(root).materialize(Ref(uri, digest))
+    return json.loads((folder / "decision.json").read_text())
+
+
 KIND = StageKind(
     name="promote",
     description="Register a policy in the MLflow Model Registry: @champion if it passes the gate on the "
@@ -153,4 +196,5 @@ KIND = StageKind(
     output="report",
     work=_work,
     headline=("promote/champion",),
+    replay=_replay,
 )

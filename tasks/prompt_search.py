@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 
 from tasks.judges import JudgeSettings, judge_slots, missing_judge_input
 from tasks.kinds import Slot, StageKind
-from tasks.synthesize import TeacherSettings
+from tasks.teachers import TeacherSettings
 from tasks.training import Section
 
 logger = logging.getLogger("posttrain")
@@ -78,14 +78,15 @@ class PromptSearchConfig(Section):
         names = [c.name for c in self.candidates if isinstance(c, Candidate)]
         if len(names) != len(set(names)):
             raise ValueError(f"prompt_search candidates: names repeat ({', '.join(names)})")
-        inputs = getattr(self, "inputs", None)
-        if inputs is not None:
-            if self.generate and self.generate.teacher.backend == "model" and "teacher" not in inputs:
-                raise ValueError("generate.teacher backend model reads the `teacher` input")
-            problem = missing_judge_input([self.scorer], inputs) if self.scorer else None
-            if problem:
-                raise ValueError(f"scorer: {problem}")
         return self
+
+
+def input_problems(cfg: PromptSearchConfig, inputs: dict[str, str]) -> list[str]:
+    problems = []
+    if cfg.generate and cfg.generate.teacher.backend == "model" and "teacher" not in inputs:
+        problems.append("generate.teacher backend model reads the `teacher` input")
+    problem = missing_judge_input([cfg.scorer], inputs) if cfg.scorer else None
+    return problems + ([f"scorer: {problem}"] if problem else [])
 
 
 def candidate_messages(candidates: list[Candidate | str], tracking_uri: str | None) -> list[dict]:
@@ -105,7 +106,7 @@ def candidate_messages(candidates: list[Candidate | str], tracking_uri: str | No
 
 
 def generated_candidates(settings: GenerateSettings, teacher, seed: int, trust_remote_code: bool) -> list[dict]:
-    from tasks.synthesize import teach
+    from tasks.teachers import teach
 
     replies = teach(settings.teacher, teacher, [settings.meta_prompt], settings.count, seed, trust_remote_code)[0]
     found, seen = [], set()
@@ -121,7 +122,7 @@ def generated_candidates(settings: GenerateSettings, teacher, seed: int, trust_r
 
 
 def dev_rows(cfg: PromptSearchConfig, data: Path) -> tuple[list, list[str]]:
-    from tasks.data import load_split
+    from tasks.splits import load_split
 
     rows = load_split(data, cfg.dev_kind, cfg.dev_split)
     if rows is None:
@@ -137,7 +138,7 @@ def search(cfg: PromptSearchConfig, data: Path, policy, out: Path, seed: int, tr
            registry_name: str, soft_prompts: dict | None = None, teacher=None, scorer=None,
            trust_remote_code: bool = False) -> dict[str, float]:
     """Score every candidate on the dev prompts, register each as a prompt version, alias the best."""
-    from tasks.evaluate import answer_matches, bootstrap_intervals
+    from tasks.scoring import answer_matches, bootstrap_intervals
     from tasks.generation import generate
     from tasks.modeling import free, load_causal_lm, load_tokenizer
     from tasks.prompts import wrap
@@ -268,6 +269,7 @@ KIND = StageKind(
     description="Prompt search: candidate system prompts / templates (listed, or written by a teacher) scored on "
     "dev prompts; each a version in the MLflow prompt registry, the best aliased; soft prompts in the same table.",
     config=PromptSearchConfig,
+    input_problems=input_problems,
     inputs={
         "data": Slot("data", "prepared data holding the dev prompts", data=lambda cfg: (cfg.dev_kind,)),
         "policy": Slot("policy", "the model the prompts are for"),

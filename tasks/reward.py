@@ -27,7 +27,7 @@ def train_reward(cfg: RewardStageConfig, data: Path, init: Path, out: Path, seed
     """Train a sequence-classification reward model from `init` on data/preference; report held-out accuracy."""
     from trl import RewardConfig, RewardTrainer
 
-    from tasks.data import load_split
+    from tasks.splits import load_split
     from tasks.modeling import load_reward_model, load_tokenizer, save_model
     from tasks.training import final_train_metrics, train_with_checkpoints, peft_config, seed_everything, trainer_kwargs
 
@@ -78,7 +78,7 @@ def _train(cfg: RewardStageConfig, inputs: dict, out: Path, ctx) -> dict[str, fl
 
 def _work(cfg: RewardStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
     from tasks.launch import run_training
-    from tasks.sft import log_data_split
+    from tasks.splits import log_data_split
 
     log_data_split(ctx, inputs["data"], "preference")
     return run_training(_train, cfg.training, cfg, inputs, out, ctx)

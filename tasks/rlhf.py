@@ -11,7 +11,7 @@ from pydantic import Field
 
 from tasks.align import run_alignment, train_policy
 from tasks.kinds import StageKind
-from tasks.online_rl import ONLINE_RL_INPUTS, OnlineRLSettings, online_trainer, reward_sources
+from tasks.online_rl import ONLINE_RL_INPUTS, OnlineRLSettings, input_problems, online_trainer, reward_sources
 from tasks.training import stage_training
 
 GRPOTraining = stage_training("GRPOTraining", "TRL GRPOConfig (lr 1e-6, batch 8 completions), one epoch",
@@ -47,6 +47,7 @@ KIND = StageKind(
     description="RLHF: GRPO (TRL GRPOTrainer) from a policy against a reward model, rules or judges, on the "
     "preference prompts.",
     config=RLHFStageConfig,
+    input_problems=input_problems,
     inputs=ONLINE_RL_INPUTS,
     output="policy",
     work=_work,

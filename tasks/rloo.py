@@ -10,7 +10,7 @@ from pydantic import Field
 
 from tasks.align import run_alignment, train_policy
 from tasks.kinds import StageKind
-from tasks.online_rl import ONLINE_RL_INPUTS, OnlineRLSettings, online_trainer, reward_sources
+from tasks.online_rl import ONLINE_RL_INPUTS, OnlineRLSettings, input_problems, online_trainer, reward_sources
 from tasks.training import stage_training
 
 RLOOTraining = stage_training("RLOOTraining", "TRL RLOOConfig (lr 1e-6, batch 8 completions), one epoch",
@@ -44,6 +44,7 @@ KIND = StageKind(
     description="RLOO (TRL RLOOTrainer) from a policy against a reward model, rules or judges, on the preference "
     "prompts.",
     config=RLOOStageConfig,
+    input_problems=input_problems,
     inputs=ONLINE_RL_INPUTS,
     output="policy",
     work=_work,

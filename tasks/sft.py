@@ -52,7 +52,7 @@ def train_sft(cfg: SFTStageConfig, data: Path, base: Path, out: Path, seed: int,
               trust_remote_code: bool = False, checkpoints=None, base_ref: dict | None = None,
               template: list[dict] | None = None) -> dict[str, float]:
     """Fine-tune the model at `base` on the prepared sft split; save the model (or the adapter) to `out`."""
-    from tasks.data import load_split
+    from tasks.splits import load_split
     from tasks.modeling import save_model
     from tasks.training import final_train_metrics, train_with_checkpoints
 
@@ -89,7 +89,7 @@ def sft_trainer(cfg: SFTStageConfig, data: Path, base: Path, scratch: Path, seed
     from trl import SFTConfig, SFTTrainer
 
     from tasks.chat import assistant_only_dataset, has_generation_markers
-    from tasks.data import load_split
+    from tasks.splits import load_split
     from tasks.modeling import load_causal_lm, load_tokenizer
     from tasks.training import peft_config, seed_everything, trainer_kwargs
 
@@ -144,21 +144,10 @@ def _train(cfg: SFTStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float
 
 def _work(cfg: SFTStageConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
     from tasks.launch import run_training
+    from tasks.splits import log_data_split
 
     log_data_split(ctx, inputs["data"], "sft")
     return run_training(_train, cfg.training, cfg, inputs, out, ctx)
-
-
-def log_data_split(ctx, data: Path, kind: str, split: str = "train", context: str = "training") -> None:
-    """Record the split a stage reads (trains on, or evaluates on) as an MLflow dataset input of its run."""
-    import json
-
-    from tasks import tracking
-    from tasks.data import split_files
-
-    rows = json.loads((data / "stats.json").read_text())[kind][f"{split}_rows"]
-    tracking.log_dataset(ctx.env.tracking_uri, ctx.run_id, split_files(data, kind, split), f"{kind}-{split}", rows,
-                         context)
 
 
 KIND = StageKind(

@@ -36,16 +36,14 @@ import json
 import re
 from typing import Any
 
+from tasks.fingerprints import DataError  # noqa: F401 - raised here, and imported from here by the data modules
+
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
                   "system": "system", "observation": "tool", "tool": "tool", "function_response": "tool",
                   "function_call": "assistant"}
 MESSAGE_FIELDS = ("role", "content", "tool_calls", "tool_call_id", "name", "weight")
 HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant): ?")
-
-
-class DataError(ValueError):
-    """A data set cannot be used; the message names the source, the row and the problem."""
 
 
 class Identical(Exception):

@@ -13,14 +13,43 @@ content does: a local file's SHA-256, computed once and remembered by path, size
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
-from tasks.shapes import DataError
+from pydantic import Field
+
+from tasks.fingerprints import DataError, _folder_digest, _object_digest, file_digest, resolve_hub_revision
+from tasks.training import Section
+
+Format = Literal["auto", "jsonl", "json", "parquet", "csv", "hf"]
+
+
+class DatasetSource(Section):
+    source: str = Field(description="Path, fsspec URI (s3://...), `hf:<name>` or `synthetic:arithmetic/<part>`.")
+    format: Format = Field("auto", description="File format; 'auto' decides by the file extension.")
+    split: str = Field("train", description="Split to read when the source is a Hugging Face data set.")
+    revision: str | None = Field(
+        None, description="Hugging Face data set revision (branch, tag or commit); resolved to a commit that keys the "
+        "cache and is recorded with the run. Default: main at the time of the run.")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Rename columns before normalizing, e.g. {question: prompt}."
+    )
+    weight: float = Field(
+        1.0, gt=0, description="Fraction of this source's rows kept after filtering, sampled with the recipe's seed: "
+        "0.25 keeps about a quarter, 2.0 every row twice, 1.5 every row once and about half of them again. It is not "
+        "the share of the mix: the shares that result are reported per task in stats.json and MLflow.")
+    task: str | None = Field(
+        None, description="Task tag every row of this source carries through to evaluation (per-task metrics). "
+        "Default: the file or data set name.")
+
+    def tag(self) -> str:
+        if self.task:
+            return self.task
+        name = self.source.removeprefix("hf:").rstrip("/").split("?")[0]
+        return re.sub(r"\.(jsonl|ndjson|json|parquet|csv)(\.gz|\.zst|\.zstd)?$", "", name.rsplit("/", 1)[-1]) or name
 
 logger = logging.getLogger("posttrain")
 BATCH_ROWS = 2_000
@@ -265,63 +294,3 @@ def fingerprint(src) -> dict:
             raise DataError(f"{src.source}: file not found")
         return {"digest": file_digest(path)}
     return {"digest": _object_digest(src.source)}
-
-
-def _object_digest(uri: str) -> str:
-    import fsspec
-
-    from tasks.store import digest_json
-
-    fs, path = fsspec.core.url_to_fs(uri)
-    try:
-        info = fs.info(path)
-    except FileNotFoundError:
-        raise DataError(f"{uri}: file not found") from None
-    stamp = {k: info[k] for k in ("VersionId", "ETag", "etag", "md5Hash", "crc32c", "checksum") if info.get(k)}
-    if not stamp:  # a store without content metadata: hash the bytes
-        with fs.open(path, "rb") as f:
-            stamp = {"sha256": hashlib.file_digest(f, "sha256").hexdigest()}
-    return digest_json({"uri": uri, "size": info.get("size"), **stamp})
-
-
-def _folder_digest(folder: Path) -> str:
-    from tasks.store import content_digest
-
-    return content_digest({str(p.relative_to(folder)): {"sha256": file_digest(p)}
-                           for p in sorted(folder.rglob("*")) if p.is_file()})
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a local file, remembered while the file is unchanged (tasks.store.file_sha256)."""
-    from tasks.store import file_sha256
-
-    return file_sha256(Path(path).resolve())
-
-
-COMMIT = re.compile(r"[0-9a-f]{40}")
-
-
-def resolve_hub_revision(repo: str, revision: str | None, repo_type: str) -> str | None:
-    """The commit a Hub repo's revision (branch, tag or commit; default main) points at, or None when it
-    cannot be known here (offline, and not in the local Hub cache): the run must then download it.
-
-    A full commit id is used as given; otherwise the Hub is asked, or offline the local Hub cache's refs.
-    A missing repo or revision is a DataError (permanent: never retried)."""
-    if revision and COMMIT.fullmatch(revision):
-        return revision
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
-    if not constants.HF_HUB_OFFLINE:
-        try:
-            return HfApi().repo_info(repo, revision=revision, repo_type=repo_type).sha
-        except RepositoryNotFoundError:
-            raise DataError(f"{repo}: no such {repo_type} on the Hugging Face Hub (or it is private and no token "
-                            "is set)") from None
-        except RevisionNotFoundError:
-            raise DataError(f"{repo}: the Hub has no revision {revision!r}") from None
-        except Exception as e:  # the Hub unreachable: the run resolves it when it downloads
-            logger.warning("%s: cannot ask the Hub for its commit (%s); the cache key is not pinned", repo, e)
-            return None
-    ref = Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo.replace('/', '--')}" / "refs" / (revision or "main")
-    return ref.read_text().strip() if ref.is_file() else None

@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import Field
 
 from tasks.align import keep_pairs, round_prompts, run_alignment, train_policy
-from tasks.dpo import DPOStageConfig, dpo_trainer
+from tasks.align import DPOStageConfig, dpo_trainer
 from tasks.kinds import Slot, StageKind
 from tasks.training import stage_training
 

@@ -42,6 +42,7 @@ class RunEnv:
     recipe: str = ""
     source_tags: dict = field(default_factory=dict)  # MLflow's source fields, set on every stage run too
     ray: dict | None = None  # orchestration.engine ray: this stage's Ray settings (tasks/ray_engine.py)
+    reproduction_of: str = ""  # the pipeline run a reproduction reruns: nothing is registered or aliased
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -242,8 +243,9 @@ def execute_stage(kind: str, instance: str, config: dict, inputs: dict[str, dict
             output, metrics = existing, store.read_manifest(existing.uri)["metadata"].get("metrics", {})
         else:
             logger.info("[%s] running %s (cache key %s)", instance, kind, key)
+            work = stage_kind.replay if run_env.reproduction_of and stage_kind.acts_on_world else stage_kind.work
             with store.write(area, key) as pending, _engine(run_env, run_id):
-                metrics = stage_kind.work(cfg, local, pending.path, ctx)
+                metrics = work(cfg, local, pending.path, ctx)
                 ctx.flush()
                 lap("work")
                 pending.metadata = {

@@ -23,35 +23,18 @@ import logging
 import random
 import re
 from pathlib import Path
-from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from tasks.judges import EndpointSettings, JudgeSettings, judge_slots, missing_judge_input
+from tasks.judges import JudgeSettings, judge_slots, missing_judge_input
 from tasks.kinds import Slot, StageKind
+from tasks.teachers import TeacherSettings, teach
 from tasks.training import Section
 
 logger = logging.getLogger("posttrain")
 STATE = "synthesize"
 VARIABLES = ("topic", "audience", "style")
 Entries = list[str] | str
-
-
-class TeacherSettings(EndpointSettings):
-    backend: Literal["model", "endpoint"] = Field("model", description="model: the stage's `teacher` input (a local "
-                                                  "or Hub model, or a policy of this pipeline); endpoint: an "
-                                                  "OpenAI-compatible chat API (`url`, `model`).")
-    system: str | None = Field(None, description="A system message the teacher is given before each prompt (not "
-                               "kept in the data).")
-    temperature: float = Field(0.7, ge=0, description="Sampling temperature (0: greedy, one distinct reply).")
-    max_new_tokens: int = Field(256, ge=1, description="Longest reply, in tokens.")
-    batch_size: int = Field(64, ge=1, description="model: prompts per generation batch.")
-
-    @model_validator(mode="after")
-    def _endpoint_has_url(self) -> "TeacherSettings":
-        if self.backend == "endpoint":
-            self.check_endpoint("teacher")
-        return self
 
 
 class SynthesizeConfig(Section):
@@ -71,16 +54,14 @@ class SynthesizeConfig(Section):
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="Fraction of the kept prompts held out (sft/eval).")
     min_rows: int = Field(1, ge=1, description="Refuse to finish with fewer kept rows (with the counts).")
 
-    @model_validator(mode="after")
-    def _inputs(self) -> "SynthesizeConfig":
-        inputs = getattr(self, "inputs", None)
-        if inputs is not None:
-            if self.teacher.backend == "model" and "teacher" not in inputs:
-                raise ValueError("teacher backend model reads the `teacher` input (a stage or a model reference)")
-            problem = missing_judge_input([self.scorer], inputs) if self.scorer else None
-            if problem:
-                raise ValueError(f"scorer: {problem}")
-        return self
+
+
+def input_problems(cfg: SynthesizeConfig, inputs: dict[str, str]) -> list[str]:
+    problems = []
+    if cfg.teacher.backend == "model" and "teacher" not in inputs:
+        problems.append("teacher backend model reads the `teacher` input (a stage or a model reference)")
+    problem = missing_judge_input([cfg.scorer], inputs) if cfg.scorer else None
+    return problems + ([f"scorer: {problem}"] if problem else [])
 
 
 def read_entries(value: Entries, what: str) -> list[str]:
@@ -142,28 +123,6 @@ def build_prompts(cfg: SynthesizeConfig, templates: list[dict], seed: int) -> li
     if cfg.max_prompts is not None and cfg.max_prompts < len(prompts):
         prompts = random.Random(f"{seed}-synthesize").sample(prompts, cfg.max_prompts)
     return prompts
-
-
-def teach(cfg: TeacherSettings, teacher, prompts: list[str], samples: int, seed: int,
-          trust_remote_code: bool = False) -> list[list[str]]:
-    """`samples` replies per prompt from the teacher model (a folder or Hub id) or endpoint."""
-    system = [{"role": "system", "content": cfg.system}] if cfg.system else []
-    chats = [system + [{"role": "user", "content": p}] for p in prompts]
-    if cfg.backend == "endpoint":
-        from tasks.judges import ChatEndpoint
-
-        flat = ChatEndpoint(cfg, "teacher").complete_many([c for c in chats for _ in range(samples)],
-                                                          cfg.max_new_tokens, cfg.temperature)
-        return [[r.strip() for r in flat[i * samples: (i + 1) * samples]] for i in range(len(prompts))]
-    from tasks.generation import sample_replies
-    from tasks.modeling import free, load_causal_lm, load_tokenizer
-
-    model = load_causal_lm(teacher, trust_remote_code, on_device=True)
-    try:
-        return sample_replies(model, load_tokenizer(teacher, trust_remote_code), chats, samples, cfg.max_new_tokens,
-                              cfg.temperature, seed, cfg.batch_size)
-    finally:
-        free(model)
 
 
 def _normalized(text: str) -> str:
@@ -239,7 +198,7 @@ def _write_sft(out: Path, kept: list[dict], eval_fraction: float, seed: int) -> 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasks.data import schema
+    from tasks.splits import schema
 
     prompts = sorted({r["text"] for r in kept})
     held = set(random.Random(f"{seed}-synthesize-split").sample(prompts, int(len(prompts) * eval_fraction)))
@@ -263,7 +222,7 @@ def _write_sft(out: Path, kept: list[dict], eval_fraction: float, seed: int) -> 
 
 def _work(cfg: SynthesizeConfig, inputs: dict, out: Path, ctx) -> dict[str, float]:
     from tasks import tracking
-    from tasks.data import load_split
+    from tasks.splits import load_split
     from tasks.judges import stage_judge
 
     tracking_uri = ctx.env.tracking_uri if ctx.env else None
@@ -283,7 +242,7 @@ def _work(cfg: SynthesizeConfig, inputs: dict, out: Path, ctx) -> dict[str, floa
             scorer.close()
     if ctx.run_id:
         tracking.log_artifact(tracking_uri, ctx.run_id, out / STATE / "rows.jsonl", "synthesize")
-        from tasks.sft import log_data_split
+        from tasks.splits import log_data_split
 
         log_data_split(ctx, out, "sft")
     return metrics
@@ -314,6 +273,7 @@ KIND = StageKind(
     description="Synthetic SFT data: topics x audiences x styles x templates, answered by a teacher (a model, a "
     "policy of the pipeline or an endpoint), filtered (dedup, eval prompts, scorer threshold), with provenance.",
     config=SynthesizeConfig,
+    input_problems=input_problems,
     inputs={
         "teacher": Slot("policy", "the model that writes the replies (teacher backend model)", required=False),
         "data": Slot("data", "prepared data whose eval prompts must not be synthesized (and so leak)", required=False,

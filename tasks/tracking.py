@@ -230,7 +230,7 @@ def log_dataset(tracking_uri: str, run_id: str, files: list[Path], name: str, ro
     from mlflow.exceptions import MlflowException
     from mlflow.types.utils import _infer_schema
 
-    from tasks.sources import file_digest
+    from tasks.fingerprints import file_digest
     from tasks.store import digest_json
 
     sample = pq.ParquetFile(files[0]).read_row_group(0).slice(0, 100).to_pandas()

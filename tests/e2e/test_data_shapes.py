@@ -31,7 +31,7 @@ def test_continued_pretraining_on_a_prepared_text_kind(prepared, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.data import load_split
+    from tasks.splits import load_split
     from tasks.pretrain import PretrainConfig, _texts, continue_pretraining
 
     _, root = prepared

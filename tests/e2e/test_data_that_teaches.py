@@ -107,7 +107,7 @@ def test_synthetic_data_keeps_what_the_verifier_passes_with_its_provenance(prepa
         assert provenance["seed"] == 3 and provenance["teacher"] == "endpoint:teacher" and provenance["score"] == 1.0
         assert provenance["topic"] in row["prompt"][0]["content"]
         assert provenance["template_version"].startswith("inline:") and provenance["style"] in ("", "Be brief.")
-    from tasks.data import load_split
+    from tasks.splits import load_split
 
     train = load_split(tmp_path / "synth", "sft", "train")
     assert set(train.column_names) == {"prompt", "completion"}, "provenance stays out of training"

@@ -3,7 +3,8 @@ batch), the policy's weights move, and preference pairs can be unpaired by the s
 
 import pytest
 
-from tasks.data import DataConfig, DatasetSource, load_split, prepare_data
+from tasks.data import DataConfig, DatasetSource, prepare_data
+from tasks.splits import load_split
 from tasks.kto import KTOStageConfig, _train, unpaired_rows
 from tasks.stage import StageContext
 

@@ -135,3 +135,36 @@ def test_a_passing_gate_makes_the_champion_which_loads_and_feeds_another_recipe(
     assert client.get_model_version_by_alias("gated-policy", "champion").version == \
         client.get_model_version_by_alias("gated-policy", "challenger").version
     assert main(["promote", first["mlflow_run_id"], "--stage", "nope"]) == 3
+
+
+def test_a_reproduction_replays_the_promotion_decision_and_leaves_the_registry_alone(gated, state_home):
+    """The original run promoted its policy with no champion in the registry; when it is reproduced, that
+    policy is the champion. The reproduction decides again against the champion the original saw, agrees
+    (exit 0, equal decision and digests), registers no version and moves no alias."""
+    from flows.cli import main
+
+    folder, _ = gated
+    code, original = run_cli(state_home, config=recipe(folder, {"min_improvement": -1.0, "max_kl": None},
+                                                       name="replayed"))
+    assert code == 0 and by_name(original)["promote"]["metrics"]["promote/champion"] == 1.0
+    client = MlflowClient(original["tracking_uri"])
+
+    def registry():
+        return {m.name: (sorted(v.version for v in client.search_model_versions(f"name = '{m.name}'")),
+                         dict(sorted(m.aliases.items())))
+                for m in client.search_registered_models() if m.name.startswith("replayed-")}
+
+    before = registry()
+    version = int(by_name(original)["promote"]["metrics"]["promote/version"])
+    assert {alias: int(v) for alias, v in before["replayed-policy"][1].items()} == {"champion": version}
+    out = state_home / "reproduction.json"
+    assert main(["reproduce", original["mlflow_run_id"], "--summary-json", str(out)]) == 0
+    again = json.loads(out.read_text())
+    assert registry() == before, "a reproduction registers nothing and moves no alias"
+    promote = by_name(again)["promote"]
+    for name in ("promote/champion", "promote/version"):
+        assert promote["metrics"][name] == by_name(original)["promote"]["metrics"][name]
+    assert promote["output_digest"] == by_name(original)["promote"]["output_digest"], "the same decision.json"
+    assert "registered_model" not in by_name(again)["dpo"]
+    tags = client.get_run(promote["mlflow_run_id"]).data.tags
+    assert tags["posttrain.promote.replayed_from"] == original["mlflow_run_id"]

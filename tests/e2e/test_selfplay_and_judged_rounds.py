@@ -7,7 +7,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tasks import online_dpo, spin
-from tasks.judges import judge_sources
 from tasks.stage import StageContext
 from tests.servers import OpenAIServer
 
@@ -21,7 +20,7 @@ def changed(before, after) -> bool:
 
 
 def test_a_spin_round_trains_demonstrations_against_the_models_own_replies(prepared, tmp_path):
-    from tasks.data import load_split
+    from tasks.splits import load_split
     from tasks.modeling import load_causal_lm, load_tokenizer
 
     _, root = prepared

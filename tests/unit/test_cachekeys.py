@@ -31,10 +31,11 @@ def test_key_follows_the_stage_source(monkeypatch):
 
 
 def test_stage_code_is_derived_from_its_imports():
-    # every training stage reads its data through tasks.data and trains through tasks.training
+    # every training stage reads its data through tasks.splits and trains through tasks.training
     for kind in ("sft", "reward", "dpo", "rlhf", "pretrain"):
         modules = code_modules(kinds()[kind].module)
-        assert {"tasks.data", "tasks.training", "tasks.modeling", "tasks.launch"} <= set(modules), kind
+        assert {"tasks.splits", "tasks.training", "tasks.modeling", "tasks.launch"} <= set(modules), kind
+        assert "tasks.data" not in modules, f"{kind} imports the prepare_data kind"
         assert "tasks.tracking" not in modules and "tasks.store" not in modules  # bookkeeping, not results
     assert "tasks.align" in code_modules("tasks.dpo") and "tasks.generation" in code_modules("tasks.evaluate")
 
@@ -42,10 +43,10 @@ def test_stage_code_is_derived_from_its_imports():
 def test_editing_a_helper_a_stage_imports_changes_its_code_digest(tmp_path):
     shutil.copytree(cachekeys.PROJECT_ROOT / "tasks", tmp_path / "tasks")
     before = code_files("tasks.sft", tmp_path)
-    helper = tmp_path / "tasks" / "data.py"  # imported by sft only inside functions
+    helper = tmp_path / "tasks" / "splits.py"  # imported by sft only inside functions
     helper.write_text(helper.read_text() + "\n# an edit\n")
     after = code_files("tasks.sft", tmp_path)
-    assert after["tasks/data.py"] != before["tasks/data.py"] and after["tasks/sft.py"] == before["tasks/sft.py"]
+    assert after["tasks/splits.py"] != before["tasks/splits.py"] and after["tasks/sft.py"] == before["tasks/sft.py"]
     untouched = tmp_path / "tasks" / "tracking.py"
     untouched.write_text(untouched.read_text() + "\n# an edit\n")
     assert code_files("tasks.sft", tmp_path) == after
@@ -60,3 +61,22 @@ def test_versions_cover_the_ml_libraries():
 def test_every_kind_has_code_to_hash():
     for kind in kinds():
         assert len(cachekeys.code_digest(kind)) == 64
+
+
+def test_editing_the_demos_data_generator_leaves_a_real_model_recipes_dpo_key_alone(tmp_path):
+    """A kind's key covers the code it runs: DPO reads prepared data through tasks/splits.py, not through the
+    prepare_data kind, so the demo's synthetic data generator (and data preparation) are not in its key."""
+    from flows.config import load_config
+    from flows.graph import build_nodes
+    from tasks.kinds import get
+
+    recipe = load_config(cachekeys.PROJECT_ROOT / "configs" / "smollm2-word-problems.yaml")
+    [dpo] = [n for n in build_nodes(recipe) if n.kind.name == "dpo"]
+    shutil.copytree(cachekeys.PROJECT_ROOT / "tasks", tmp_path / "tasks")
+    before = {kind: code_files(get(kind).module, tmp_path) for kind in ("dpo", "prepare_data")}
+    generator = tmp_path / "tasks" / "synthetic.py"
+    generator.write_text(generator.read_text() + "\n# a new demo task\n")
+    assert code_files(dpo.kind.module, tmp_path) == before["dpo"]
+    assert code_files(get("prepare_data").module, tmp_path) != before["prepare_data"], "the data stage does rerun"
+    for room in ("data.py", "dedup.py", "shapes.py", "sources.py", "synthetic.py", "sft.py"):
+        assert f"tasks/{room}" not in before["dpo"], room

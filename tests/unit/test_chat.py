@@ -90,7 +90,8 @@ def test_a_reply_with_weight_zero_is_context(tmp_path):
     """An OpenAI fine-tuning row's `weight: 0` turn, as the data stage stores it, is not trained."""
     import json
 
-    from tasks.data import DataConfig, DatasetSource, load_split, prepare_data
+    from tasks.data import DataConfig, DatasetSource, prepare_data
+    from tasks.splits import load_split
 
     row = {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
                         {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 5.",

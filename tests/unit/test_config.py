@@ -145,7 +145,7 @@ def test_real_model_recipes_cite_their_sources_and_plan_offline(name, tmp_path, 
 
 
 def test_stage_defaults_are_for_real_models_and_the_demo_states_its_own():
-    from tasks.dpo import DPOStageConfig
+    from tasks.align import DPOStageConfig
     from tasks.evaluate import EvaluateConfig
     from tasks.reward import RewardStageConfig
     from tasks.rlhf import RLHFStageConfig

@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks import synthetic
-from tasks.data import DataConfig, DataError, DatasetSource, load_split, prepare_data, split_files
+from tasks.data import DataConfig, DataError, DatasetSource, prepare_data, split_files
+from tasks.splits import load_split
 from tasks.shapes import Identical, normalize
 from tasks.sources import fingerprint, read_batches, read_rows
 

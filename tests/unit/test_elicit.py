@@ -84,3 +84,12 @@ def test_the_simulated_rater_knows_the_truth_and_slips_at_its_noise_rate():
     assert 0.26 < flipped < 0.34
     assert noisy.label(prompts[:50], wrong[:50], wrong[:50]) == [0.5] * 50, "a tie is never flipped"
     assert noisy.label(prompts[:50], right[:50], wrong[:50], noisy=False) == [1.0] * 50
+
+
+@pytest.mark.parametrize("training", [{"processes": 2}, {"checkpoint_steps": 5}, {"launcher": "accelerate"}])
+def test_the_nested_dpo_refuses_settings_it_cannot_honour(training):
+    from tasks.elicit import ElicitConfig
+
+    with pytest.raises(ValueError, match="dpo.training: the DPO inside elicit trains in the stage's process"):
+        ElicitConfig.model_validate({"dpo": {"training": training}})
+    assert ElicitConfig.model_validate({"dpo": {}}).dpo.training.processes == 1

@@ -4,7 +4,6 @@ The GGUF files here are written by the export from a tiny Llama the test builds;
 in tests/realmodel/."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -69,7 +68,7 @@ def test_a_gguf_input_is_converted_once_into_the_store_keyed_by_the_files_digest
     assert is_model_reference("tiny.q8_0.gguf") and is_model_reference(str(file))
     raw = resolve_model(str(file))
     assert raw["gguf"] and raw["kind"] == "model" and raw["uri"] == str(file.resolve())
-    from tasks.sources import file_digest
+    from tasks.fingerprints import file_digest
 
     assert raw["digest"] == file_digest(file)
     assert resolve_model(str(file), digest=False)["digest"] == ""  # pre-flight only checks it is there

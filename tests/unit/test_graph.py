@@ -117,7 +117,7 @@ def test_overrides_reach_instances_by_name_and_chain_recipes_still_take_theirs()
 
 def test_settings_are_parsed_once_into_the_kinds_typed_config():
     cfg = load_config(ROOT / "configs" / "dpo-betas.yaml")
-    from tasks.dpo import DPOStageConfig
+    from tasks.align import DPOStageConfig
 
     assert isinstance(cfg.stages["dpo_beta01"], DPOStageConfig)
     again = PipelineConfig.model_validate(cfg.model_dump(mode="json"))

@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_shipped_files_are_what_the_writer_makes_and_read_in_their_hub_shapes(tmp_path):
-    from tasks.data import DataConfig, load_split, prepare_data
+    from tasks.data import DataConfig, prepare_data
+    from tasks.splits import load_split
 
     written = word_problems.write_files(tmp_path / "wp")
     for name in ("sft", "preference", "eval"):
