@@ -49,7 +49,7 @@ def make_plan(cfg: PipelineConfig, only=(), start_from=(), refresh=()) -> list[P
             rows[node.name] = PlanRow(node.name, node.kind.name, None, "run" if selected else "missing",
                                       f"its input {slot} comes from {pending[0]}, which runs first")
             continue
-        params = stage_parameters(cfg, node, node_inputs(cfg, node, outputs, models), {})
+        params = stage_parameters(cfg, node, node_inputs(cfg, node, outputs, models), {"recipe": cfg.name})
         key = cache_key_for(node.kind.name, params)
         stored = store.lookup(store_area(key), key)
         if stored is not None:

@@ -159,8 +159,13 @@ def retry_if_transient(task, task_run, state) -> bool:
 
 
 def cache_key_for(kind: str, parameters: dict) -> str:
+    from tasks.kinds import get
+
     digests = {name: ref["digest"] for name, ref in parameters["inputs"].items()}
-    return stage_cache_key(kind, parameters["config"], digests, parameters["seed"], parameters.get("round", 1))
+    config = parameters["config"]
+    if get(kind).acts_on_world:  # what it acts on is named after the recipe (<recipe>-policy): another recipe's
+        config = {**config, "_recipe": parameters["env"].get("recipe", "")}  # decision is not this one's
+    return stage_cache_key(kind, config, digests, parameters["seed"], parameters.get("round", 1))
 
 
 def materialize_input(store: ArtifactStore, raw: dict, tracking_uri: str | None = None) -> Path | str:
@@ -200,7 +205,7 @@ def execute_stage(kind: str, instance: str, config: dict, inputs: dict[str, dict
     stage_kind = get(kind)
     cfg = stage_kind.config.model_validate(config)  # parsed once; the work function gets the typed config
     run_env = RunEnv(**env)
-    key = cache_key_for(kind, {"config": config, "inputs": inputs, "seed": seed, "round": round_})
+    key = cache_key_for(kind, {"config": config, "inputs": inputs, "seed": seed, "round": round_, "env": env})
     area = store_area(key)
     store = ArtifactStore(run_env.storage_root)
     refs = {name: Ref.from_dict(r) for name, r in inputs.items()}
