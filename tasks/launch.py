@@ -107,7 +107,7 @@ def _run_on_ray(function, t: TrainingSettings, cfg, inputs: dict[str, Any], out:
 def _ray_rank(spec: dict) -> tuple[dict, Path]:
     """One rank on a Ray worker: the inputs on this node (from the store when the driver's folder is not
     here), the stage context, the training function; returns its metrics and output folder."""
-    from tasks.stage import RunEnv, StageContext, materialize_input
+    from tasks.stage import RunEnv, materialize_input
     from tasks.store import ArtifactStore
 
     env = RunEnv(**spec["env"])
@@ -117,13 +117,21 @@ def _ray_rank(spec: dict) -> tuple[dict, Path]:
         if isinstance(value, str) and not Path(value).exists() and slot in spec["refs"]:
             value = materialize_input(store, spec["refs"][slot], env.tracking_uri)
         inputs[slot] = Path(value) if isinstance(value, str) and Path(value).exists() else value
-    os.environ[TRAINER_OUTPUT_ENV] = spec["trainer_output"]
-    ctx = StageContext(seed=spec["seed"], env=env, run_id=spec["run_id"] if is_main_process() else None,
-                       stage=spec["stage"], cache_key=spec["cache_key"], round=spec["round"], refs=spec["refs"])
+    ctx = _rank_context(spec, env)
     out = Path(tempfile.mkdtemp(prefix="posttrain-ray-out-"))
     metrics = spec["function"](spec["config"], inputs, out, ctx)
     ctx.flush()
     return metrics, out
+
+
+def _rank_context(spec: dict, env):
+    """The stage context one rank trains with (only the main rank logs), and the trainer folder all ranks share:
+    each writes its own RNG state into the same checkpoint."""
+    from tasks.stage import StageContext
+
+    os.environ[TRAINER_OUTPUT_ENV] = spec["trainer_output"]
+    return StageContext(seed=spec["seed"], env=env, run_id=spec["run_id"] if is_main_process() else None,
+                        stage=spec["stage"], cache_key=spec["cache_key"], round=spec["round"], refs=spec["refs"])
 
 
 def _launch_failure(t: TrainingSettings, code: int, scratch: Path) -> RankFailed:
@@ -149,16 +157,12 @@ def _function(target: str):
 def main(spec_path: str) -> None:
     import time
 
-    from tasks.stage import RunEnv, StageContext, is_transient
+    from tasks.stage import RunEnv, is_transient
 
     spec = json.loads(Path(spec_path).read_text())
     rank = int(os.environ.get("RANK", "0"))
     try:
-        env = RunEnv(**spec["env"]) if spec["env"] else None
-        ctx = StageContext(seed=spec["seed"], env=env, run_id=spec["run_id"] if is_main_process() else None,
-                           stage=spec["stage"], cache_key=spec["cache_key"], round=spec["round"], refs=spec["refs"])
-        # One trainer folder for all ranks: each rank writes its own RNG state into the same checkpoint.
-        os.environ[TRAINER_OUTPUT_ENV] = spec["trainer_output"]
+        ctx = _rank_context(spec, RunEnv(**spec["env"]) if spec["env"] else None)
         inputs = {k: Path(v) if isinstance(v, str) and Path(v).exists() else v for k, v in spec["inputs"].items()}
         cfg = _function(spec["config_class"]).model_validate(spec["config"])
         metrics = _function(spec["target"])(cfg, inputs, Path(spec["out"]), ctx)
