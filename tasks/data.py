@@ -143,7 +143,7 @@ class _Job:
     source_index: int
     src: dict  # source, tag, columns
     rows: list  # (row number, record or a JSONL line's bytes)
-    part: str  # where the batch's kept rows go (Parquet; near-duplicate shingles beside it)
+    part: str  # where the batch's kept rows go (Parquet)
     settings: dict
 
 
@@ -191,7 +191,7 @@ def compared_text(row: dict, roles: list[str]) -> str:
 
 def process_batch(job: _Job) -> dict:
     """Normalize one batch, drop what teaches nothing, find the evaluation n-grams each row holds, hash the rows
-    for the duplicate decisions, and write the rows as a Parquet part (with their shingle sets beside it).
+    for the duplicate decisions (LSH bands of their shingle sets), and write the rows as a Parquet part.
     Returns counts, samples and per-row arrays."""
     import orjson
     import pyarrow as pa
@@ -251,13 +251,11 @@ def process_batch(job: _Job) -> dict:
     if kept:
         pq.write_table(pa.Table.from_pylist(kept, schema=schema(job.kind)), job.part)
     frequent = bands = None
-    if near and kept:  # shingle sets (rows too short for near dedup have none), kept beside the part
-        sizes = np.zeros(len(kept), dtype=np.int64)
+    if near and kept:  # shingle sets (rows too short for near dedup have none); not stored: `part_sets`
+        sizes = np.zeros(len(kept), dtype=np.int64)  # recomputes those of the few rows verification needs
         flat = np.zeros(0, dtype=np.uint64)
         if word_lists:
             flat, sizes[long_rows] = dedup.shingle_sets(word_lists, near["shingle"])
-        np.save(job.part + ".shingles.npy", flat)
-        np.save(job.part + ".sizes.npy", sizes)
         # shingles held by at least 1% of the batch's rows: enough to find boilerplate (>= 10% of all rows by
         # default) to within a percentage point, without carrying every pair of duplicates' shingles along
         frequent = dedup.document_frequency(flat, max(2, -(-len(kept) // 100)))
@@ -269,6 +267,7 @@ def process_batch(job: _Job) -> dict:
     return {"counts": {**counts, **removed.counts}, "first_rows": removed.first_rows, "samples": removed.samples,
             "chars": chars, "keys": np.array(keys, dtype=np.uint64), "numbers": np.array(numbers, dtype=np.int64),
             "hits": hits, "frequent_shingles": frequent, "bands": bands, "prompts": prompts,
+            "near_rows": len(word_lists),
             "part": job.part if kept else None,
             "source": job.source_index}
 
@@ -457,7 +456,7 @@ class _Gathered:
         self.first_rows: dict[str, list[int]] = {reason: [] for reason in REASONS}
         self.parts, self.prompts, self.chars, self.hits, self.frequent = [], [], 0, [], []
         self._keys, self._numbers, self._sources, self.bands = [], [], [], []
-        self.rows = 0
+        self.rows = self.near_rows = 0
 
     def add(self, result: dict) -> None:
         for k in self.totals:
@@ -474,6 +473,7 @@ class _Gathered:
         self.chars += result["chars"]
         self.prompts += result["prompts"]
         self.hits += [(self.rows + index, found) for index, found in result["hits"]]
+        self.near_rows += result.get("near_rows", 0)
         if result["frequent_shingles"] is not None:
             self.frequent.append(result["frequent_shingles"])
         if result["part"]:
@@ -540,23 +540,23 @@ class _NearDuplicates:
             return
         unique, totals = dedup.sum_by_value(np.concatenate([v for v, _ in self.gathered.frequent]),
                                             np.concatenate([c for _, c in self.gathered.frequent]))
-        documents = sum(int((np.load(path + ".sizes.npy") > 0).sum()) for path, _ in self.gathered.parts)
-        self.boilerplate = dedup.boilerplate(unique, totals, documents, self.settings.boilerplate_fraction,
+        self.boilerplate = dedup.boilerplate(unique, totals, self.gathered.near_rows, self.settings.boilerplate_fraction,
                                              BOILERPLATE_MIN_ROWS["near"])
 
     def remove(self, keep: np.ndarray) -> np.ndarray:
-        """Mask of the rows in `keep` that duplicate an earlier kept row. One part's shingle sets in memory at a
-        time, then only those of the rows LSH proposed."""
+        """Mask of the rows in `keep` that duplicate an earlier kept row. LSH bands from the first pass (or, when
+        the kind has boilerplate, recomputed part by part without it) propose pairs; only the proposed rows'
+        shingle sets are recomputed, to verify them."""
         from tasks import dedup
 
         self._find_boilerplate()
         duplicate = np.zeros(len(keep), dtype=bool)
         if len(self.boilerplate):  # the sets change: bands again, in the worker processes, part by part
             starts = np.cumsum([0] + [length for _, length in self.gathered.parts])
-            jobs = (_BandJob(path, length, keep[start: start + length], self.boilerplate, self.near, self.seed)
-                    for (path, length), start in zip(self.gathered.parts, starts))
+            jobs = (_SetsJob(path, np.flatnonzero(keep[start: start + length]), self.boilerplate, self.near,
+                             self.seed, bands=True) for (path, length), start in zip(self.gathered.parts, starts))
             eligible, band_rows = [], []
-            for (mine, bands), start in zip(self.pool.map(jobs, part_bands), starts):
+            for (mine, _, _, bands), start in zip(self.pool.map(jobs, part_sets), starts):
                 if len(mine):
                     eligible.append(mine + start)
                     band_rows.append(bands)
@@ -593,49 +593,63 @@ class _NearDuplicates:
         return duplicate
 
     def _proposed_sets(self, rows: np.ndarray) -> dict[int, np.ndarray]:
-        sets, start = {}, 0
-        for path, length in self.gathered.parts:
-            mine = rows[(rows >= start) & (rows < start + length)]
-            if len(mine):
-                flat, offsets = _part_sets(path, length, self.boilerplate)
-                for row in mine.tolist():
-                    sets[row] = flat[offsets[row - start]: offsets[row - start + 1]].copy()  # not a view of the part
-            start += length
+        """The shingle sets of the proposed rows, recomputed from the stored rows part by part in the workers."""
+        starts = np.cumsum([0] + [length for _, length in self.gathered.parts])
+        wanted = [(path, start, rows[(rows >= start) & (rows < start + length)] - start)
+                  for (path, length), start in zip(self.gathered.parts, starts)]
+        wanted = [(path, start, mine) for path, start, mine in wanted if len(mine)]
+        jobs = (_SetsJob(path, mine, self.boilerplate, self.near, self.seed, bands=False) for path, _, mine in wanted)
+        sets = {}
+        for (mine, flat, offsets, _), (_, start, _) in zip(self.pool.map(jobs, part_sets), wanted):
+            for index, row in enumerate(mine.tolist()):
+                sets[row + start] = flat[offsets[index]: offsets[index + 1]]
         return sets
 
 
-def _part_sets(path: str, length: int, boilerplate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A part's shingle sets without the boilerplate: (flat values, offsets per row)."""
-    flat, sizes = np.load(path + ".shingles.npy"), np.load(path + ".sizes.npy")
-    if len(boilerplate):
-        ordinary = ~np.isin(flat, boilerplate)
-        flat, sizes = flat[ordinary], np.bincount(np.repeat(np.arange(length), sizes)[ordinary], minlength=length)
-    return flat, np.concatenate([[0], np.cumsum(sizes)])
-
-
 @dataclass
-class _BandJob:
-    path: str
-    length: int
-    keep: np.ndarray  # the part's rows still kept after exact dedup
+class _SetsJob:
+    path: str  # a Parquet part
+    rows: np.ndarray  # indices into the part, ascending
     boilerplate: np.ndarray
     near: dict
     seed: int
+    bands: bool  # also the LSH band hashes of the sets
 
 
-def part_bands(job: _BandJob) -> tuple[np.ndarray, np.ndarray]:
-    """(the part's rows that take part in near dedup, their LSH band hashes): kept rows whose shingle sets are
-    not empty once the boilerplate is left out."""
+def part_sets(job: _SetsJob) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(the given rows whose shingle set is not empty once the boilerplate is left out, their sets as flat values
+    and offsets, their LSH band hashes when asked for). Recomputed from the stored rows: cheaper than writing
+    every row's set during the first pass, when only the rows LSH proposes are verified."""
+    import pyarrow.parquet as pq
+
     from tasks import dedup
 
-    flat, offsets = _part_sets(job.path, job.length, job.boilerplate)
-    sizes = np.diff(offsets)
-    mine = np.flatnonzero(job.keep & (sizes > 0))
-    if not len(mine):
-        return mine, np.zeros((0, job.near["bands"]), dtype=np.uint64)
-    chosen = flat[np.repeat(job.keep & (sizes > 0), sizes)]
-    return mine, dedup.band_hashes(chosen, sizes[mine], job.near["num_perm"], job.near["bands"], job.near["rows"],
-                                   job.seed)
+    near, empty = job.near, np.zeros(0, dtype=np.int64)
+    stored = []
+    if len(job.rows):
+        parquet = pq.ParquetFile(job.path)
+        compared = [name for name in ("text", "prompt", "completion", "chosen", "rejected")
+                    if name in parquet.schema_arrow.names]
+        stored = parquet.read(columns=compared).take(job.rows).to_pylist()
+    word_lists, rows = [], []
+    for row, record in zip(job.rows.tolist(), stored):
+        compared = dedup.words(compared_text(record, near["compare"]))
+        if len(compared) >= max(near["min_words"], near["shingle"]):
+            word_lists.append(compared)
+            rows.append(row)
+    if not word_lists:
+        return empty, np.zeros(0, dtype=np.uint64), np.zeros(1, dtype=np.int64), \
+            np.zeros((0, near["bands"]), dtype=np.uint64) if job.bands else None
+    flat, sizes = dedup.shingle_sets(word_lists, near["shingle"])
+    if len(job.boilerplate):
+        ordinary = ~np.isin(flat, job.boilerplate)
+        flat = flat[ordinary]
+        sizes = np.bincount(np.repeat(np.arange(len(sizes)), sizes)[ordinary], minlength=len(sizes))
+    rows = np.array(rows, dtype=np.int64)[sizes > 0]
+    sizes = sizes[sizes > 0]
+    bands = dedup.band_hashes(flat, sizes, near["num_perm"], near["bands"], near["rows"], job.seed) \
+        if job.bands and len(rows) else (np.zeros((0, near["bands"]), dtype=np.uint64) if job.bands else None)
+    return rows, flat, np.concatenate([[0], np.cumsum(sizes)]), bands
 
 
 def _first_occurrences(keys: np.ndarray, keep: np.ndarray, exact: bool) -> tuple[np.ndarray, int]:

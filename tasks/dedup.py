@@ -129,8 +129,7 @@ def band_hashes(flat: np.ndarray, lengths: np.ndarray, num_perm: int, bands: int
     offsets = np.zeros(len(lengths) + 1, dtype=np.uint64)
     np.cumsum(lengths, out=offsets[1:])
     matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(flat, offsets, num_perm, seed)
-    signatures = np.fromiter(itertools.chain.from_iterable(matrix.to_rows()), dtype=np.uint64,
-                             count=len(lengths) * num_perm).reshape(len(lengths), num_perm)
+    signatures = np.array(matrix.to_rows(), dtype=np.uint64).reshape(len(lengths), num_perm)
     banded = signatures[:, : bands * rows].reshape(len(lengths), bands, rows)
     with np.errstate(over="ignore"):
         mixed = (banded * _MIX[np.arange(rows) % len(_MIX)]).sum(axis=2, dtype=np.uint64)
@@ -234,5 +233,7 @@ class Contamination:
         if self.short and prompt_words is not None and " ".join(prompt_words) in self.short:
             found.append(" ".join(prompt_words))
         if self.patterns:
-            found += dict.fromkeys(p.strip() for _, p in self.automaton.iter(" " + " ".join(row_words) + " "))
+            hits = list(self.automaton.iter(" " + " ".join(row_words) + " "))
+            if hits:  # most rows hold none
+                found += dict.fromkeys(p.strip() for _, p in hits)
         return found
