@@ -40,11 +40,11 @@ ANNOTATOR_ACCURACY_NOTE = "the sloppy annotator's own accuracy on the held-out s
 
 def annotator_accuracy() -> float:
     """How often the demo's sloppy annotator is right on the eval prompts: every sum below 10, and the others
-    unless it forgot the carry (tasks.synthetic's default carry_error_rate)."""
+    unless it forgot the carry (tasks.machinery.synthetic's default carry_error_rate)."""
     import inspect
 
     sys.path.insert(0, str(ROOT))
-    from tasks.synthetic import generate
+    from tasks.machinery.synthetic import generate
 
     error_rate = inspect.signature(generate).parameters["carry_error_rate"].default
     evals = generate("eval", seed=0)
@@ -96,10 +96,10 @@ def bare_trainers(summary_path: Path, seed: int) -> dict[str, float]:
                      RLOOTrainer)
 
     from flows.config import load_config
-    from tasks.kto import unpaired_rows
+    from tasks.kinds.kto import unpaired_rows
     from tasks.stage import materialize_input
-    from tasks.store import ArtifactStore
-    from tasks.training import trainer_kwargs
+    from tasks.machinery.store import ArtifactStore
+    from tasks.machinery.training import trainer_kwargs
 
     summary = json.loads(summary_path.read_text())
     cfg = load_config(ROOT / "configs" / "bakeoff.yaml", [f"seed={seed}"]).resolved()

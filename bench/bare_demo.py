@@ -34,14 +34,14 @@ def main() -> None:
     import trl  # noqa: F401
 
     from flows.config import load_config
-    from tasks import dpo
+    from tasks.kinds import dpo
     from tasks.stage import StageContext
-    from tasks.data import DatasetSource, prepare_data
-    from tasks.sources import read_rows
-    from tasks.evaluate import evaluate
-    from tasks.pretrain import pretrain
-    from tasks.reward import train_reward
-    from tasks.sft import train_sft
+    from tasks.kinds.prepare_data import DatasetSource, prepare_data
+    from tasks.machinery.sources import read_rows
+    from tasks.kinds.evaluate import evaluate
+    from tasks.kinds.pretrain import pretrain
+    from tasks.kinds.reward import train_reward
+    from tasks.kinds.sft import train_sft
 
     imports = time.perf_counter() - started
     cfg, out, seed = load_config(args.config), Path(args.out), 0

@@ -61,7 +61,7 @@ def run_once(source: Path, eval_source: Path, workers: int) -> dict:
 import json, resource, sys, time
 from pathlib import Path
 sys.path.insert(0, {str(ROOT)!r})
-from tasks.data import DataConfig, prepare_data
+from tasks.kinds.prepare_data import DataConfig, prepare_data
 out = Path(sys.argv[1])
 cfg = DataConfig(sft={{"source": {str(source)!r}}}, eval={{"source": {str(eval_source)!r}}}, workers={workers})
 started = time.perf_counter()

@@ -63,9 +63,9 @@ def ceiling(found: dict, seed: int) -> float:
     """Held-out accuracy of the ensemble on the same frozen features when every careful-grader pair is a label:
     what the features can hold at most."""
     from flows.config import load_config
-    from tasks.splits import load_split
-    from tasks.elicit import Ensemble, Features
-    from tasks.store import ArtifactStore, Ref
+    from tasks.machinery.splits import load_split
+    from tasks.kinds.elicit import Ensemble, Features
+    from tasks.machinery.store import ArtifactStore, Ref
 
     store = ArtifactStore(found["storage_root"])
     data, features_model = (store.materialize(Ref(*found["outputs"][name])) for name in ("data", "seed_reward"))
@@ -166,7 +166,7 @@ def main() -> None:
     print(f"\nheadroom: the ensemble on the same features with all ~5,000 careful-grader pairs as labels: "
           f"rm_accuracy {summary['ceiling_rm_accuracy']:.3f} (seeds {ceilings}); best-of-K picked by the ground "
           f"truth: win_rate {summary['oracle_win_rate']:.3f}")
-    from tasks.figures import sample_efficiency
+    from tasks.machinery.figures import sample_efficiency
 
     figure = sample_efficiency({m: curves[m] for m in ("rm_accuracy", "win_rate")}, work,
                                f"Feedback elicitation on the demo task, seeds {', '.join(map(str, args.seeds))}")

@@ -7,7 +7,7 @@ removed, and checks the data stage's promise around the threshold (default 0.8):
     python bench/near_dedup.py [--pairs 4000] [--words 200] [--seeds 0 1 2]
 
 Each pair is a document of distinct random words and a copy with m words replaced (m drawn per pair); the
-similarity is measured on the shingle sets the stage compares (tasks/dedup.py), not assumed from m. Every
+similarity is measured on the shingle sets the stage compares (tasks/blocks/dedup.py), not assumed from m. Every
 document is also distinct from every other pair's. Writes bench/results/near_dedup.json.
 """
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def make_pairs(n: int, words: int, seed: int) -> tuple[list[dict], list[float]]:
-    from tasks import dedup
+    from tasks.blocks import dedup
 
     rng = random.Random(seed)
     firsts, seconds, similarity = [], [], []
@@ -44,7 +44,7 @@ def make_pairs(n: int, words: int, seed: int) -> tuple[list[dict], list[float]]:
 
 
 def main() -> None:
-    from tasks.data import DataConfig, DatasetSource, prepare_data, split_files
+    from tasks.kinds.prepare_data import DataConfig, DatasetSource, prepare_data, split_files
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", type=int, default=4000)

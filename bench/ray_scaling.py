@@ -29,10 +29,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def prepare(root: Path):
     from flows.config import instance_settings, load_config
-    from tasks import synthetic
-    from tasks.data import prepare_data
-    from tasks.pretrain import pretrain
-    from tasks.sft import SFTStageConfig
+    from tasks.machinery import synthetic
+    from tasks.kinds.prepare_data import prepare_data
+    from tasks.kinds.pretrain import pretrain
+    from tasks.kinds.sft import SFTStageConfig
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
     (root / "data").mkdir()
@@ -44,8 +44,8 @@ def prepare(root: Path):
 
 
 def run(config, root: Path, name: str, ray: dict | None) -> dict:
-    from tasks.launch import run_training
-    from tasks.sft import _train
+    from tasks.machinery.launch import run_training
+    from tasks.kinds.sft import _train
     from tasks.stage import RunEnv, StageContext
 
     env = RunEnv(storage_root=str(root / "store"), tracking_uri="unused", experiment_id="0",
@@ -70,7 +70,7 @@ def main() -> None:
     import ray
     import torch
 
-    from tasks import hardware
+    from tasks.machinery import hardware
 
     root = Path(tempfile.mkdtemp(prefix="posttrain-bench-ray-"))
     config = prepare(root)

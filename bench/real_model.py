@@ -74,8 +74,8 @@ def main() -> None:
         env = {**ENV, "POSTTRAIN_HOME": str(home)}
         try:
             stage(home, "data", overrides)
-            convert = ("from tasks.modeling import resolve_model; from tasks.stage import materialize_input; "
-                       "from tasks.store import ArtifactStore; import sys; print(materialize_input(ArtifactStore("
+            convert = ("from tasks.machinery.modeling import resolve_model; from tasks.stage import materialize_input; "
+                       "from tasks.machinery.store import ArtifactStore; import sys; print(materialize_input(ArtifactStore("
                        f"'{home / 'artifacts'}'), resolve_model('{gguf_file}')))")
             folder = subprocess.run([sys.executable, "-c", convert], env=env, cwd=ROOT, capture_output=True,
                                     text=True, check=True).stdout.strip().splitlines()[-1]

@@ -55,7 +55,7 @@ def print_summary(summary: dict, home: Path) -> None:
     from rich.table import Table
 
     from flows.lineage import headline
-    from tasks import tracking
+    from tasks.machinery import tracking
 
     console = Console(stderr=False)
     table = Table(title="posttrain stages")
@@ -169,7 +169,7 @@ def cmd_gc(args) -> int:
     home = _prepare_environment()
     from flows.config import StorageConfig
     from flows.gc import delete, find_garbage, referenced_outputs
-    from tasks.store import ArtifactStore
+    from tasks.machinery.store import ArtifactStore
 
     root = args.storage_root or StorageConfig().root or str(home / "artifacts")
     store = ArtifactStore(root)
@@ -228,7 +228,7 @@ def _prefect_api(server):
 
 def _warm_up(config) -> None:
     """Import torch and open (on a first run: create) the MLflow store."""
-    from tasks import hardware, tracking
+    from tasks.machinery import hardware, tracking
 
     hardware.describe()
     tracking.open_store(config.resolved().tracking.uri)
@@ -293,7 +293,7 @@ def cmd_compare(args) -> int:
 def cmd_promote(args) -> int:
     """Make the model a past run registered the champion by hand (what the gate would have done)."""
     home = _prepare_environment()
-    from tasks import tracking
+    from tasks.machinery import tracking
 
     tracking_uri = _tracking_uri(args, home)
     client = tracking.client(tracking_uri)
@@ -326,10 +326,10 @@ def cmd_export(args) -> int:
     """A model (folder, stage output, registry alias, URI) as one GGUF file for llama.cpp, Ollama, LM Studio."""
     home = _prepare_environment()
     _setup_logging()
-    from tasks import gguf
-    from tasks.modeling import is_adapter, materialize_adapter, resolve_model
+    from tasks.machinery import gguf
+    from tasks.machinery.modeling import is_adapter, materialize_adapter, resolve_model
     from tasks.stage import materialize_input
-    from tasks.store import ArtifactStore
+    from tasks.machinery.store import ArtifactStore
 
     tracking_uri = _tracking_uri(args, home)
     store = ArtifactStore(str(home / "artifacts"))
@@ -352,7 +352,7 @@ def cmd_reproduce(args) -> int:
     home = _prepare_environment()
     _setup_logging()
     from flows.reproduce import ReproduceError, Tolerance, compare, prepare_reproduction, read_recorded
-    from tasks import hardware
+    from tasks.machinery import hardware
 
     tracking_uri = _tracking_uri(args, home)
     try:
@@ -389,7 +389,7 @@ def cmd_reproduce(args) -> int:
         table.add_row(name, a, b, f"[{colors[verdict]}]{verdict}")
     Console().print(table)
     differ = [r[0] for r in rows if r[3] == "differs"]
-    from tasks import tracking
+    from tasks.machinery import tracking
 
     tracking.set_tags(summary["tracking_uri"] if "***" not in summary["tracking_uri"] else tracking_uri,
                       summary["mlflow_run_id"], {"posttrain.reproduce.agrees": not differ})

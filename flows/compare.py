@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from flows.reproduce import Recorded, read_recorded
-from tasks import tracking
+from tasks.machinery import tracking
 
 CODE_TAGS = {"posttrain.source_digest": "source digest", "mlflow.source.git.commit": "git commit",
              "posttrain.git_dirty": "uncommitted changes"}

@@ -28,9 +28,9 @@ from pydantic import Field, ValidationError, create_model, field_validator, mode
 
 from flows.graph import graph_problems, instance_settings  # noqa: F401 - instance_settings is re-exported
 from tasks.kinds import StageKind, kinds
-from tasks.ray_engine import RaySettings
-from tasks.store import state_home
-from tasks.training import Section
+from tasks.machinery.ray_engine import RaySettings
+from tasks.machinery.store import state_home
+from tasks.machinery.training import Section
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 CHAIN_SECTIONS = ("data", "pretrain", "sft", "reward", "align", "evaluate", "promote")
@@ -179,7 +179,7 @@ class PipelineConfig(Section):
     def without_credentials(self) -> "PipelineConfig":
         """A copy safe to store as Prefect parameters: a password in tracking.uri moves to this process's
         MLFLOW_TRACKING_URI, where resolved() finds it again."""
-        from tasks.tracking import strip_credentials
+        from tasks.machinery.tracking import strip_credentials
 
         uri = self.tracking.uri
         if not uri or uri == strip_credentials(uri):
@@ -190,7 +190,7 @@ class PipelineConfig(Section):
 
     def resolved(self) -> "PipelineConfig":
         """A copy with the defaults that depend on the environment filled in."""
-        from tasks.tracking import with_local_credentials
+        from tasks.machinery.tracking import with_local_credentials
 
         home = state_home()
         tracking_uri = self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home}/mlflow.db"

@@ -66,7 +66,7 @@ def deploy_pipeline(cfg: PipelineConfig, name: str, pool: str, cron: str | None 
 
 def _default_parameters(cfg: PipelineConfig, recipe: str | None, overrides: list[str]) -> dict:
     """The run form's defaults, with no credentials in them (Prefect stores and shows parameters)."""
-    from tasks.tracking import strip_credentials
+    from tasks.machinery.tracking import strip_credentials
 
     if recipe is None:
         return {"config": cfg.without_credentials().model_dump(mode="json")}

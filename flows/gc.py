@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from tasks.store import MANIFEST, ArtifactStore
+from tasks.machinery.store import MANIFEST, ArtifactStore
 
 SKIPPED_AREAS = ("prefect-results", "reproductions")
 
@@ -106,7 +106,7 @@ def with_adapter_bases(store: ArtifactStore, referenced: set[str]) -> set[str]:
     an adapter is only usable with its base."""
     import json
 
-    from tasks.modeling import ADAPTER_BASE
+    from tasks.machinery.modeling import ADAPTER_BASE
 
     kept, todo = set(referenced), list(referenced)
     while todo:
@@ -123,7 +123,7 @@ def with_adapter_bases(store: ArtifactStore, referenced: set[str]) -> set[str]:
 
 def referenced_outputs(tracking_uri: str, keep_days: float) -> set[str]:
     """Output URIs named by the stage runs MLflow has from the last `keep_days` days."""
-    from tasks import tracking
+    from tasks.machinery import tracking
 
     client = tracking.client(tracking_uri)
     since = int((time.time() - keep_days * 86400) * 1000)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tasks.kinds import VALUE_TYPES, StageKind, get
-from tasks.modeling import is_model_reference
+from tasks.machinery.modeling import is_model_reference
 
 if TYPE_CHECKING:
     from flows.config import PipelineConfig

@@ -10,10 +10,10 @@ from pathlib import Path
 import yaml
 
 from flows.config import PipelineConfig
-from tasks import tracking
-from tasks.cachekeys import library_versions
+from tasks.machinery import tracking
+from tasks.machinery.cachekeys import library_versions
 from tasks.stage import RunEnv
-from tasks.store import state_home
+from tasks.machinery.store import state_home
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent
 
@@ -91,7 +91,7 @@ def open_pipeline_run(cfg: PipelineConfig, extra_tags: dict[str, str] | None = N
     `extra_tags` may name the recipe file and overrides (recipe_tags)."""
     uri = cfg.tracking.uri
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment, _artifact_location(uri))
-    from tasks import hardware
+    from tasks.machinery import hardware
 
     commit, dirty = git_commit()
     said = extra_tags or {}

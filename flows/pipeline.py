@@ -20,7 +20,7 @@ from flows.graph import Node, build_nodes, downstream_of, node_names, with_upstr
 from flows.lineage import close_pipeline_run, open_pipeline_run, recipe_tags
 from tasks.kinds import MODEL_OUTPUTS
 from tasks.stage import cache_key_for, record_cached_stage, stage_task, store_area
-from tasks.store import ArtifactStore, Ref
+from tasks.machinery.store import ArtifactStore, Ref
 
 
 class PipelineFailed(RuntimeError):
@@ -38,7 +38,7 @@ class NotInStore(RuntimeError):
 def node_inputs(cfg: PipelineConfig, node: Node, outputs: dict[str, dict], models: dict[str, dict]) -> dict[str, dict]:
     """The stage's inputs as references: upstream outputs, external models (each resolved, and a folder
     hashed, once per run: `models` keeps them), the sources it reads."""
-    from tasks.modeling import resolve_model
+    from tasks.machinery.modeling import resolve_model
 
     inputs = {slot: outputs[up] for slot, up in node.stage_inputs.items()}
     for slot, ref in node.model_inputs.items():
@@ -157,7 +157,7 @@ class _Runner:
         versions), by reference to its files in the artifact store, linked to the stage run that made it."""
         import logging
 
-        from tasks import tracking
+        from tasks.machinery import tracking
 
         ref = Ref.from_dict(result["output"])
         name = tracking.registered_name(self.cfg.name, node.name)
@@ -225,7 +225,7 @@ class _Runner:
         """Run the stage as a flow run of posttrain-stage/<pool> and read its output from the shared store."""
         from prefect.deployments import run_deployment
 
-        from tasks.tracking import strip_credentials
+        from tasks.machinery.tracking import strip_credentials
 
         # Parameters are stored by Prefect and shown in its UI: no credentials in them. The stage's worker
         # takes its own (run_stage_flow).
@@ -290,7 +290,7 @@ def run_stage_flow(kind: str, instance: str, config: dict, inputs: dict, seed: i
                    refresh: bool = False) -> None:
     """One stage instance on another work pool (orchestration.stage_pools): the same cached task, the same
     store. Credentials come from this worker's environment, not from the parameters."""
-    from tasks.tracking import with_local_credentials
+    from tasks.machinery.tracking import with_local_credentials
 
     env = {**env, "tracking_uri": with_local_credentials(env["tracking_uri"])}
     task = stage_task().with_options(name=kind, task_run_name=instance,

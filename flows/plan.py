@@ -15,7 +15,7 @@ from flows.config import PipelineConfig
 from flows.graph import build_nodes, node_names, with_upstream
 from flows.pipeline import node_inputs, selection, stage_parameters
 from tasks.stage import cache_key_for, store_area
-from tasks.store import ArtifactStore
+from tasks.machinery.store import ArtifactStore
 
 
 @dataclass
@@ -75,8 +75,8 @@ def downloads(cfg: PipelineConfig) -> list[str]:
     as stage inputs and Hub data sets, each with the stages that read it."""
     from huggingface_hub import constants
 
-    from tasks.modeling import hub_repo
-    from tasks.sources import format_of
+    from tasks.machinery.modeling import hub_repo
+    from tasks.machinery.sources import format_of
 
     cache = Path(constants.HF_HUB_CACHE)
     wanted: dict[str, list[str]] = {}
@@ -96,7 +96,7 @@ def downloads(cfg: PipelineConfig) -> list[str]:
 def why_it_runs(stored: list[dict], cfg: PipelineConfig, node, params: dict) -> str:
     """What differs from the last stored output of this stage (same recipe and instance name); `stored`:
     the metadata of every stored output of its kind."""
-    from tasks.cachekeys import code_files, library_versions
+    from tasks.machinery.cachekeys import code_files, library_versions
 
     previous = _last_output(stored, node.name, cfg.name)
     if previous is None:

@@ -6,7 +6,7 @@ import urllib.error
 import urllib.request
 
 from flows.config import PipelineConfig
-from tasks.tracking import redact, strip_credentials
+from tasks.machinery.tracking import redact, strip_credentials
 
 
 class PreflightError(RuntimeError):
@@ -76,7 +76,7 @@ def check_storage(root: str) -> None:
 
 def check_models(cfg: PipelineConfig) -> None:
     """Every external model a stage reads (Hub id, folder, URI, registry alias) can be found."""
-    from tasks.modeling import resolve_model
+    from tasks.machinery.modeling import resolve_model
 
     for name, inst in cfg.stages.items():
         for slot, value in inst.inputs.items():
@@ -92,7 +92,7 @@ def check_data_sources(cfg: PipelineConfig) -> None:
     """Every Hub data set a prepare_data stage reads exists, at the revision named (when the Hub can be asked);
     every file exists: the source is fingerprinted as the run keys it (a local file's digest is remembered, so
     the run does not read it again). A misspelled name fails here, before any compute, and is never retried."""
-    from tasks.sources import fingerprint
+    from tasks.machinery.sources import fingerprint
 
     for where, src in cfg.data_sources().items():
         try:

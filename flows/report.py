@@ -8,7 +8,7 @@ import fnmatch
 import tempfile
 from pathlib import Path
 
-from tasks import tracking
+from tasks.machinery import tracking
 
 COLUMNS = ("task_accuracy", "task_accuracy_delta_vs_*", "mean_reward", "judge_score", "win_rate_vs_*", "kl_to_*",
            "response_tokens")
@@ -102,8 +102,8 @@ def ranking(metrics: dict[str, float], metric: str = "task_accuracy") -> str:
 def publish_evaluations(cfg, env: dict, stages: list[dict]) -> str:
     """Log the headline on the parent run (comparison table, the evaluation's figures, the training-curves
     panel, the comparison as the run's description) and return it as markdown for the Prefect report."""
-    from tasks import figures
-    from tasks.store import ArtifactStore, Ref
+    from tasks.machinery import figures
+    from tasks.machinery.store import ArtifactStore, Ref
 
     uri, run_id = env["tracking_uri"], env["parent_run_id"]
     attach_datasets(uri, run_id, stages)

@@ -7,7 +7,7 @@ the library versions or the inputs differ (unless allowed, which the new run rec
 stage into a fresh storage namespace (so nothing comes from cache), tags the new run as a
 reproduction, and compares every metric and every stage's output digest with the original.
 
-What it can promise depends on the hardware (tasks/hardware.py): on the same hardware, versions and
+What it can promise depends on the hardware (tasks/machinery/hardware.py): on the same hardware, versions and
 thread count the rerun is bit-identical, so it demands exact equality. On other hardware float
 arithmetic rounds differently and training amplifies it, so it says so before rerunning, compares the
 metrics within a tolerance it prints, and shows the output digests without requiring them to match.
@@ -25,8 +25,8 @@ import yaml
 
 from flows.config import PipelineConfig
 from flows.lineage import source_digest
-from tasks import hardware, tracking
-from tasks.cachekeys import library_versions
+from tasks.machinery import hardware, tracking
+from tasks.machinery.cachekeys import library_versions
 
 # Default tolerance when the hardware differs: |a - b| <= ATOL + RTOL * |a| for every metric.
 CROSS_HARDWARE_RTOL = 0.1
@@ -115,7 +115,7 @@ def read_recorded(run_id: str, tracking_uri: str, scratch: Path) -> Recorded:
 
 def check_reproducible(rec: Recorded, cfg: PipelineConfig) -> tuple[list[str], list[str]]:
     """(code problems, input problems) between the recorded run and this checkout and data."""
-    from tasks.sources import fingerprint
+    from tasks.machinery.sources import fingerprint
 
     code = []
     recorded_source, checkout_source = rec.tags.get("posttrain.source_digest"), source_digest()

@@ -4,7 +4,7 @@
                                   [--api-key KEY]
 
 It answers POST /v1/chat/completions by a deterministic rule, the demo's arithmetic checker
-(tasks.synthetic:arithmetic_reward), applied to the judge prompt it is sent: a score prompt ("Question: ..."
+(tasks.machinery.synthetic:arithmetic_reward), applied to the judge prompt it is sent: a score prompt ("Question: ..."
 and "Reply: ...") gets "10" for a right sum and "1" otherwise; a compare prompt ("Reply A: ..." and
 "Reply B: ...") gets the letter of the right reply, and "A" when both or neither are right (a judge with a
 position bias, as real ones have). Any other prompt is a request for text (a teacher's): one that names two
@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.synthetic import arithmetic_reward  # noqa: E402
+from tasks.machinery.synthetic import arithmetic_reward  # noqa: E402
 
 
 def verdict(prompt: str, rule: str = "arithmetic") -> str:

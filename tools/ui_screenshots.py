@@ -71,7 +71,7 @@ def mlflow_pages(chromium: str, state: Path, out: Path) -> None:
         experiment = parent.info.experiment_id
         evaluate = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
                                       "tags.`posttrain.kind` = 'evaluate'")[0]
-        from tasks.tracking import TRAINING_VIEW, ui_link
+        from tasks.machinery.tracking import TRAINING_VIEW, ui_link
 
         run_page = f"{ui}/#/experiments/{experiment}/runs"
         screenshot(chromium, f"{ui}/#/experiments/{experiment}", out / "mlflow-experiment-plain-link.png")

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import synthetic
+from tasks.machinery import synthetic
 from tests.conftest import posttrain_home
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,8 +24,8 @@ def state_home(tmp_path_factory):
 def prepared(tmp_path_factory):
     """The tiny recipe, its prepared data and a pretrained tiny base model, made by the plain functions."""
     from flows.config import load_config
-    from tasks.data import prepare_data
-    from tasks.pretrain import pretrain
+    from tasks.kinds.prepare_data import prepare_data
+    from tasks.kinds.pretrain import pretrain
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
     root = tmp_path_factory.mktemp("prepared")

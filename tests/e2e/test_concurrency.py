@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.local_server import _alive
-from tasks.store import MANIFEST, ArtifactStore, Ref
+from tasks.machinery.store import MANIFEST, ArtifactStore, Ref
 
 from .conftest import ROOT
 

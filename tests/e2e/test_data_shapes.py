@@ -3,8 +3,8 @@ training target and nothing else is; the prompt is never in the loss."""
 
 import json
 
-from tasks.data import DataConfig, DatasetSource, prepare_data
-from tasks.sft import SFTStageConfig, sft_trainer
+from tasks.kinds.prepare_data import DataConfig, DatasetSource, prepare_data
+from tasks.kinds.sft import SFTStageConfig, sft_trainer
 
 
 def test_every_assistant_turn_and_only_those_are_trained(prepared, tmp_path):
@@ -31,8 +31,8 @@ def test_continued_pretraining_on_a_prepared_text_kind(prepared, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.splits import load_split
-    from tasks.pretrain import PretrainConfig, _texts, continue_pretraining
+    from tasks.machinery.splits import load_split
+    from tasks.kinds.pretrain import PretrainConfig, _texts, continue_pretraining
 
     _, root = prepared
     docs = [{"text": f"{i} plus {i} makes {2 * i}. Counting on: {i} {i + 1} {i + 2}."} for i in range(200)]
@@ -57,7 +57,7 @@ def test_continued_pretraining_on_a_prepared_text_kind(prepared, tmp_path):
 
 
 def test_evaluation_reports_each_task_of_a_mixture(prepared, tmp_path):
-    from tasks.evaluate import EvaluateConfig, evaluate
+    from tasks.kinds.evaluate import EvaluateConfig, evaluate
 
     _, root = prepared
     (tmp_path / "sums.jsonl").write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "reference": str(i + 1)})

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tasks.synthetic import arithmetic_reward
+from tasks.machinery.synthetic import arithmetic_reward
 from tests.servers import OpenAIServer
 
 from .conftest import ROOT, run_cli
@@ -44,7 +44,7 @@ def test_elicitation_rounds_ask_the_rater_refit_and_hand_their_pairs_to_dpo(stat
     assert 0 < first["elicit/queries"] <= 8 and second["elicit/queries"] == first["elicit/queries"] + second[
         "elicit/round_queries"], "each round adds its queries to the last round's"
     out = stages["elicit.round2"]["output_uri"]
-    from tasks.store import ArtifactStore, Ref
+    from tasks.machinery.store import ArtifactStore, Ref
 
     folder = ArtifactStore(summary["storage_root"]).materialize(Ref(out, stages["elicit.round2"]["output_digest"]))
     queries = [json.loads(line) for line in (folder / "elicit" / "queries.jsonl").read_text().splitlines()]
@@ -75,8 +75,8 @@ def test_elicitation_rounds_ask_the_rater_refit_and_hand_their_pairs_to_dpo(stat
 
 
 def test_synthetic_data_keeps_what_the_verifier_passes_with_its_provenance(prepared, tmp_path):
-    from tasks.judges import RuleJudge
-    from tasks.synthesize import SynthesizeConfig, synthesize
+    from tasks.blocks.judges import RuleJudge
+    from tasks.kinds.synthesize import SynthesizeConfig, synthesize
 
     _, root = prepared
     server = OpenAIServer(tmp_path)
@@ -86,10 +86,10 @@ def test_synthetic_data_keeps_what_the_verifier_passes_with_its_provenance(prepa
             templates=["Add {{topic}}. {{style}}", "What do {{topic}} add up to? {{style}}"], samples=2,
             teacher={"backend": "endpoint", "url": server.url, "model": "teacher", "temperature": 0.7,
                      "retry_backoff_seconds": 0.01},
-            scorer={"backend": "rule", "function": "tasks.synthetic:arithmetic_reward"}, threshold=1.0,
+            scorer={"backend": "rule", "function": "tasks.machinery.synthetic:arithmetic_reward"}, threshold=1.0,
             eval_fraction=0.25)
         metrics = synthesize(cfg, tmp_path / "synth", seed=3, teacher_name="endpoint:teacher",
-                             scorer=RuleJudge("tasks.synthetic:arithmetic_reward"), exclude={"Add 3 and 4."})
+                             scorer=RuleJudge("tasks.machinery.synthetic:arithmetic_reward"), exclude={"Add 3 and 4."})
         asked = server.stats()["requests"]
     finally:
         server.stop()
@@ -107,7 +107,7 @@ def test_synthetic_data_keeps_what_the_verifier_passes_with_its_provenance(prepa
         assert provenance["seed"] == 3 and provenance["teacher"] == "endpoint:teacher" and provenance["score"] == 1.0
         assert provenance["topic"] in row["prompt"][0]["content"]
         assert provenance["template_version"].startswith("inline:") and provenance["style"] in ("", "Be brief.")
-    from tasks.splits import load_split
+    from tasks.machinery.splits import load_split
 
     train = load_split(tmp_path / "synth", "sft", "train")
     assert set(train.column_names) == {"prompt", "completion"}, "provenance stays out of training"
@@ -121,12 +121,12 @@ def test_synthetic_data_keeps_what_the_verifier_passes_with_its_provenance(prepa
 
 
 def test_prompt_search_registers_every_candidate_and_aliases_the_best(state_home, prepared, tmp_path):
-    from tasks import tracking
-    from tasks.evaluate import evaluation_sources, EvaluateConfig
-    from tasks.judges import RuleJudge
-    from tasks.prompt_search import PromptSearchConfig, search
-    from tasks.prompts import prompt_source, wrap
-    from tasks.sft import SFTStageConfig, train_sft
+    from tasks.machinery import tracking
+    from tasks.kinds.evaluate import evaluation_sources, EvaluateConfig
+    from tasks.blocks.judges import RuleJudge
+    from tasks.kinds.prompt_search import PromptSearchConfig, search
+    from tasks.blocks.prompts import prompt_source, wrap
+    from tasks.kinds.sft import SFTStageConfig, train_sft
 
     _, root = prepared
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -135,7 +135,7 @@ def test_prompt_search_registers_every_candidate_and_aliases_the_best(state_home
     train_sft(SFTStageConfig(prompt_tuning={"enabled": True, "num_virtual_tokens": 4},
                              training={"max_steps": 2, "batch_size": 8, "learning_rate": 1e-2, "max_length": 64}),
               root / "data", root / "base", soft, seed=0)
-    from tasks.modeling import materialize_adapter
+    from tasks.machinery.modeling import materialize_adapter
 
     server = OpenAIServer(tmp_path)
     try:
@@ -188,7 +188,7 @@ def test_an_elicitation_round_with_dpo_trains_the_policy_the_next_round_samples(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.elicit import ElicitConfig, SimulatedRater, elicit_round
+    from tasks.kinds.elicit import ElicitConfig, SimulatedRater, elicit_round
 
     _, root = prepared
     cfg = ElicitConfig(rule="infomax", prompts_per_round=16, candidates=4, max_completion_length=4, eval_prompts=8,
@@ -209,7 +209,7 @@ def test_an_elicitation_round_with_dpo_trains_the_policy_the_next_round_samples(
 
 
 def test_a_judge_answers_the_queries_through_its_endpoint(state_home, prepared, tmp_path):
-    from tasks.elicit import ElicitConfig, build_rater, elicit_round, rater_sources
+    from tasks.kinds.elicit import ElicitConfig, build_rater, elicit_round, rater_sources
     from tasks.stage import RunEnv, StageContext
 
     _, root = prepared

@@ -9,10 +9,10 @@ that the run really had 2 processes and learned."""
 import pytest
 
 from flows.config import instance_settings
-from tasks.launch import run_training
-from tasks.sft import SFTStageConfig, _train
+from tasks.machinery.launch import run_training
+from tasks.kinds.sft import SFTStageConfig, _train
 from tasks.stage import RunEnv, StageContext
-from tasks.store import ArtifactStore
+from tasks.machinery.store import ArtifactStore
 
 pytestmark = pytest.mark.e2e
 STEPS = 40
@@ -83,7 +83,7 @@ def _fail_on_rank_one(cfg, inputs, out, ctx):
 
 @pytest.mark.parametrize("how", ["value", "network"])
 def test_a_failed_rank_is_named_and_classified(tmp_path, how):
-    from tasks.launch import RankFailed
+    from tasks.machinery.launch import RankFailed
     from tasks.stage import is_transient
 
     config = SFTStageConfig()

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from tasks.evaluate import EvaluateConfig, evaluate
-from tasks.harness import HarnessSettings, harness_sources, metric_name
-from tasks.tracking import sanitize_metric_name
+from tasks.kinds.evaluate import EvaluateConfig, evaluate
+from tasks.blocks.harness import HarnessSettings, harness_sources, metric_name
+from tasks.machinery.tracking import sanitize_metric_name
 
 from .conftest import ROOT
 

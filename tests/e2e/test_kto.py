@@ -3,9 +3,9 @@ batch), the policy's weights move, and preference pairs can be unpaired by the s
 
 import pytest
 
-from tasks.data import DataConfig, DatasetSource, prepare_data
-from tasks.splits import load_split
-from tasks.kto import KTOStageConfig, _train, unpaired_rows
+from tasks.kinds.prepare_data import DataConfig, DatasetSource, prepare_data
+from tasks.machinery.splits import load_split
+from tasks.kinds.kto import KTOStageConfig, _train, unpaired_rows
 from tasks.stage import StageContext
 
 

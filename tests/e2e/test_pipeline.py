@@ -6,7 +6,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from tasks.store import ArtifactStore, Ref
+from tasks.machinery.store import ArtifactStore, Ref
 from tests.servers import task_run_states, tiny_stages
 
 from .conftest import run_cli, write_data
@@ -279,7 +279,7 @@ def _picture(path):
     """A valid, non-blank PNG (opened and decoded), returning the data the figure says it plots."""
     from PIL import Image
 
-    from tasks.figures import read_data
+    from tasks.machinery.figures import read_data
 
     with Image.open(path) as image:
         assert image.format == "PNG" and image.width >= 300 and image.height >= 200, (path, image.size)
@@ -326,7 +326,7 @@ def test_evaluation_figures_are_pictures_of_every_model_on_the_stage_and_parent_
 
 
 def _task_digest():
-    from tasks.harness import HarnessSettings, harness_sources
+    from tasks.blocks.harness import HarnessSettings, harness_sources
 
     settings = HarnessSettings(tasks=["posttrain_sums_choice"], include_path="configs/harness/arithmetic")
     return harness_sources(settings)["harness.tasks"]["digest"][:16]

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tasks.promote import GateSettings, gate_decision
+from tasks.kinds.promote import GateSettings, gate_decision
 
 from .conftest import ROOT, run_cli
 
@@ -95,7 +95,7 @@ def test_a_passing_gate_makes_the_champion_which_loads_and_feeds_another_recipe(
     from transformers import AutoModelForCausalLM
 
     from flows.cli import main
-    from tasks.modeling import materialize_external, resolve_model
+    from tasks.machinery.modeling import materialize_external, resolve_model
 
     folder, first = gated
     lenient = {"min_improvement": -1.0, "max_kl": None, "beat_champion": True}
@@ -114,7 +114,7 @@ def test_a_passing_gate_makes_the_champion_which_loads_and_feeds_another_recipe(
     other["stages"]["dpo"]["inputs"]["policy"] = "models:/gated-policy@champion"
     # ... and evaluated beside the new policy, every pair judged by a rule (the demo's arithmetic checker)
     other["stages"]["evaluate"]["inputs"]["champion"] = "models:/gated-policy@champion"
-    other["stages"]["evaluate"]["judge"] = {"backend": "rule", "function": "tasks.synthetic:arithmetic_reward"}
+    other["stages"]["evaluate"]["judge"] = {"backend": "rule", "function": "tasks.machinery.synthetic:arithmetic_reward"}
     del other["stages"]["promote"]
     path = tmp_path / "followup.yaml"
     path.write_text(yaml.safe_dump(other, sort_keys=False))

@@ -38,7 +38,7 @@ def repertoire_recipe(folder: Path, judge_url: str, judge_prompt: str | None = N
         "rlhf": {"kind": "rlhf", "inputs": {"data": "data", "policy": "sft", "reward": "reward"}, **ROLLOUTS,
                  "judges": [{**{k: v for k, v in judge.items() if k != "prompt"}, "weight": 0.5}], "training": lora},
         "rloo": {"kind": "rloo", "inputs": {"data": "data", "policy": "sft", "reward": "reward"}, **ROLLOUTS,
-                 "verifiers": [{"function": "tasks.synthetic:arithmetic_reward", "weight": 0.5}], "training": lora},
+                 "verifiers": [{"function": "tasks.machinery.synthetic:arithmetic_reward", "weight": 0.5}], "training": lora},
         "rlaif": {"kind": "online_dpo", "rounds": 2, "inputs": {"data": "data", "policy": "sft"}, "judge": judge,
                   "judge_mode": "compare", "max_completion_length": 4, "prompts_per_round": 24,
                   "loss_type": ["sigmoid"], "training": lora},
@@ -77,13 +77,13 @@ def output(stage: dict) -> dict:
 
 
 def store_of(stage: dict):
-    from tasks.store import ArtifactStore
+    from tasks.machinery.store import ArtifactStore
 
     return ArtifactStore(stage["output_uri"].rsplit("/", 2)[0])
 
 
 def stored(stage: dict) -> Path:
-    from tasks.store import Ref
+    from tasks.machinery.store import Ref
 
     return store_of(stage).materialize(Ref.from_dict(output(stage)))
 
@@ -160,9 +160,9 @@ def test_editing_the_judge_prompt_is_a_new_registry_version_and_reruns_only_the_
 
 
 def test_prompt_tuning_trains_a_soft_prompt_that_evaluation_loads(prepared, tmp_path):
-    from tasks.evaluate import EvaluateConfig, evaluate
-    from tasks.modeling import load_causal_lm, materialize_adapter
-    from tasks.sft import SFTStageConfig, train_sft
+    from tasks.kinds.evaluate import EvaluateConfig, evaluate
+    from tasks.machinery.modeling import load_causal_lm, materialize_adapter
+    from tasks.kinds.sft import SFTStageConfig, train_sft
 
     cfg_, root = prepared
     cfg = SFTStageConfig(training=STEPS, prompt_tuning={"enabled": True, "num_virtual_tokens": 8,

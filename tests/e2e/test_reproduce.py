@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.cli import main
 
-from tasks import hardware
+from tasks.machinery import hardware
 
 from .conftest import ROOT, run_cli, write_data
 

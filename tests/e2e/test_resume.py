@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-import tasks.sft as sft
+import tasks.kinds.sft as sft
 from flows.config import instance_settings
 from tasks.stage import RunEnv, StageContext
-from tasks.store import ArtifactStore
+from tasks.machinery.store import ArtifactStore
 
 from .conftest import ROOT
 
@@ -23,7 +23,7 @@ KILLED_RUN = """
 import json, os, signal, sys
 from pathlib import Path
 from transformers import TrainerCallback
-import tasks.sft as sft
+import tasks.kinds.sft as sft
 from tasks.stage import RunEnv, StageContext
 
 class KillAt(TrainerCallback):

@@ -3,7 +3,7 @@
 import pytest
 from mlflow.tracking import MlflowClient
 
-import tasks.sft
+import tasks.kinds.sft
 
 from .conftest import run_cli, write_data
 
@@ -25,7 +25,7 @@ def _sft_runs(summary):
 
 
 def _fail_first_calls(monkeypatch, exc: BaseException, times: int):
-    real, calls = tasks.sft.train_sft, {"n": 0}
+    real, calls = tasks.kinds.sft.train_sft, {"n": 0}
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -33,7 +33,7 @@ def _fail_first_calls(monkeypatch, exc: BaseException, times: int):
             raise exc
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tasks.sft, "train_sft", flaky)
+    monkeypatch.setattr(tasks.kinds.sft, "train_sft", flaky)
     return calls
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tasks import online_dpo, spin
+from tasks.kinds import online_dpo, spin
 from tasks.stage import StageContext
 from tests.servers import OpenAIServer
 
@@ -20,8 +20,8 @@ def changed(before, after) -> bool:
 
 
 def test_a_spin_round_trains_demonstrations_against_the_models_own_replies(prepared, tmp_path):
-    from tasks.splits import load_split
-    from tasks.modeling import load_causal_lm, load_tokenizer
+    from tasks.machinery.splits import load_split
+    from tasks.machinery.modeling import load_causal_lm, load_tokenizer
 
     _, root = prepared
     cfg = spin.SPINStageConfig(max_completion_length=8, prompts_per_round=48, loss_type=["sigmoid"], training=TRAINING)
@@ -80,5 +80,5 @@ def test_online_dpo_settings_are_checked():
         validate_recipe({"name": "t", "stages": {"data": data, "o": stage}})
     with pytest.raises(ConfigError, match="set samples_per_prompt: 2"):
         validate_recipe({"name": "t", "stages": {"data": data, "o": {
-            **stage, "judge": {"backend": "rule", "function": "tasks.synthetic:arithmetic_reward"},
+            **stage, "judge": {"backend": "rule", "function": "tasks.machinery.synthetic:arithmetic_reward"},
             "judge_mode": "compare", "samples_per_prompt": 4}}})

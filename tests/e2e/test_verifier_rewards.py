@@ -4,12 +4,12 @@ verifier."""
 import pytest
 
 from flows.config import ConfigError, validate_recipe
-from tasks import rlhf, rloo
-from tasks.online_rl import reward_sources
+from tasks.kinds import rlhf, rloo
+from tasks.blocks.online_rl import reward_sources
 from tasks.stage import StageContext
-from tasks.synthetic import arithmetic_reward
+from tasks.machinery.synthetic import arithmetic_reward
 
-VERIFIER = {"function": "tasks.synthetic:arithmetic_reward", "weight": 1.0}
+VERIFIER = {"function": "tasks.machinery.synthetic:arithmetic_reward", "weight": 1.0}
 
 
 def test_the_arithmetic_verifier_checks_the_sum():

@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tasks.stage import store_area
-from tasks.store import MANIFEST, ArtifactStore, Ref
+from tasks.machinery.store import MANIFEST, ArtifactStore, Ref
 
 from .conftest import STAGES, Pipeline, digests, statuses
 

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tasks.store import ArtifactStore, Ref
+from tasks.machinery.store import ArtifactStore, Ref
 
 from .conftest import STAGES, Pipeline, digests
 from .s3proxy import FaultyS3, Rule

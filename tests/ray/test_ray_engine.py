@@ -15,7 +15,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tasks.store import ArtifactStore, Ref
+from tasks.machinery.store import ArtifactStore, Ref
 from tests.conftest import posttrain_home
 from tests.e2e.conftest import run_cli
 from tests.servers import task_run_states
@@ -137,8 +137,8 @@ def test_stage_runs_link_the_ray_job_and_dashboard(runs):
 def test_generation_and_scoring_fanned_out_over_ray_equal_one_process(runs, ray_cluster):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks import ray_engine
-    from tasks.generation import generate, reply_logprobs
+    from tasks.machinery import ray_engine
+    from tasks.blocks.generation import generate, reply_logprobs
 
     home, summary = runs["local"]
     sft = by_name(summary)["sft"]
@@ -167,7 +167,7 @@ def test_worker_failures_are_classified_as_the_stage_retry_expects():
     from ray.exceptions import ActorDiedError
     from ray.train import WorkerGroupError
 
-    from tasks.ray_engine import RayStageFailed, TransientRayFailure, _failure
+    from tasks.machinery.ray_engine import RayStageFailed, TransientRayFailure, _failure
     from tasks.stage import is_transient
 
     bad_data = _failure(WorkerGroupError("rank 1 failed", {1: ValueError("no sft/train split")}), is_transient)

@@ -36,8 +36,8 @@ def real_home(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_folder(smollm2_gguf, real_home) -> Path:
     """The GGUF file as the plain folder every stage reads, converted into the tier's artifact store."""
-    from tasks.modeling import resolve_model
+    from tasks.machinery.modeling import resolve_model
     from tasks.stage import materialize_input
-    from tasks.store import ArtifactStore
+    from tasks.machinery.store import ArtifactStore
 
     return materialize_input(ArtifactStore(str(real_home / "artifacts")), resolve_model(str(smollm2_gguf)))

@@ -20,7 +20,7 @@ def _ask(folder, question: str, max_new_tokens: int = 40) -> tuple[str, int]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.chat import stop_token_ids
+    from tasks.machinery.chat import stop_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -34,7 +34,7 @@ def _ask(folder, question: str, max_new_tokens: int = 40) -> tuple[str, int]:
 
 
 def test_the_real_gguf_file_becomes_a_folder_that_loads_and_chats(smollm2_gguf, smollm2_folder):
-    from tasks import gguf
+    from tasks.machinery import gguf
 
     record = gguf.read_record(smollm2_folder)
     assert record["quantization"] == "Q4_1" and record["architecture"] == "llama"
@@ -46,8 +46,8 @@ def test_the_real_gguf_file_becomes_a_folder_that_loads_and_chats(smollm2_gguf, 
 
 
 def test_sft_trains_only_the_assistant_turns_of_a_multi_turn_row_on_the_real_tokenizer(smollm2_folder, tmp_path):
-    from tasks.data import DataConfig, prepare_data
-    from tasks.sft import SFTStageConfig, sft_trainer
+    from tasks.kinds.prepare_data import DataConfig, prepare_data
+    from tasks.kinds.sft import SFTStageConfig, sft_trainer
 
     turns = [{"role": "system", "content": "You answer in one short sentence."},
              {"role": "user", "content": "Name a red fruit."}, {"role": "assistant", "content": "A strawberry."},
@@ -73,7 +73,7 @@ def test_the_shipped_recipe_post_trains_the_real_model(smollm2_gguf, smollm2_fol
     """configs/smollm2-word-problems.yaml, fewer steps: SFT teaches the answer format, DPO keeps it, the
     policy still answers general questions as the base did."""
     from flows.cli import main
-    from tasks import tracking
+    from tasks.machinery import tracking
 
     summary_path = real_home / "summary.json"
     overrides = [f"seed={SEED}", f"sft.inputs.base={smollm2_gguf}", f"evaluate.inputs.base={smollm2_gguf}",
@@ -107,7 +107,7 @@ def test_the_shipped_recipe_post_trains_the_real_model(smollm2_gguf, smollm2_fol
     assert sft_run.data.tags["posttrain.input.base.gguf.quantization"] == "Q4_1"
     assert sft_run.data.tags["posttrain.input.base.gguf.folder"] == str(smollm2_folder)
 
-    from tasks.store import ArtifactStore, Ref
+    from tasks.machinery.store import ArtifactStore, Ref
 
     policy = ArtifactStore(str(real_home / "artifacts")).materialize(
         Ref(uri=stages["dpo"]["output_uri"], digest=stages["dpo"]["output_digest"]))

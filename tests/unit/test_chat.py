@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from tasks.chat import assistant_only_dataset, end_of_turn, has_generation_markers, stop_token_ids, \
+from tasks.machinery.chat import assistant_only_dataset, end_of_turn, has_generation_markers, stop_token_ids, \
     tokenize_assistant_only
 
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -80,7 +80,7 @@ def test_a_template_that_renders_a_prefix_differently_is_refused_with_the_row():
 
 
 def test_the_demo_template_keeps_trls_marker_path():
-    from tasks.modeling import CHAT_TEMPLATE
+    from tasks.machinery.modeling import CHAT_TEMPLATE
 
     tokenizer = _tokenizer(CHAT_TEMPLATE, "<|im_end|>")
     assert has_generation_markers(tokenizer)
@@ -90,8 +90,8 @@ def test_a_reply_with_weight_zero_is_context(tmp_path):
     """An OpenAI fine-tuning row's `weight: 0` turn, as the data stage stores it, is not trained."""
     import json
 
-    from tasks.data import DataConfig, DatasetSource, prepare_data
-    from tasks.splits import load_split
+    from tasks.kinds.prepare_data import DataConfig, DatasetSource, prepare_data
+    from tasks.machinery.splits import load_split
 
     row = {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
                         {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 5.",

@@ -145,11 +145,11 @@ def test_real_model_recipes_cite_their_sources_and_plan_offline(name, tmp_path, 
 
 
 def test_stage_defaults_are_for_real_models_and_the_demo_states_its_own():
-    from tasks.align import DPOStageConfig
-    from tasks.evaluate import EvaluateConfig
-    from tasks.reward import RewardStageConfig
-    from tasks.rlhf import RLHFStageConfig
-    from tasks.sft import SFTStageConfig
+    from tasks.blocks.align import DPOStageConfig
+    from tasks.kinds.evaluate import EvaluateConfig
+    from tasks.kinds.reward import RewardStageConfig
+    from tasks.kinds.rlhf import RLHFStageConfig
+    from tasks.kinds.sft import SFTStageConfig
 
     for config, most in ((SFTStageConfig, 1e-4), (RewardStageConfig, 1e-4), (DPOStageConfig, 1e-5),
                          (RLHFStageConfig, 1e-5)):

@@ -5,11 +5,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from tasks import synthetic
-from tasks.data import DataConfig, DataError, DatasetSource, prepare_data, split_files
-from tasks.splits import load_split
-from tasks.shapes import Identical, normalize
-from tasks.sources import fingerprint, read_batches, read_rows
+from tasks.machinery import synthetic
+from tasks.kinds.prepare_data import DataConfig, DataError, DatasetSource, prepare_data, split_files
+from tasks.machinery.splits import load_split
+from tasks.blocks.shapes import Identical, normalize
+from tasks.machinery.sources import fingerprint, read_batches, read_rows
 
 
 def _jsonl(path, rows):
@@ -372,7 +372,7 @@ def test_near_duplicates_are_removed_and_distinct_rows_kept(tmp_path):
 
 
 def test_near_dedup_threshold_and_library_version_are_in_the_cache_key():
-    from tasks.cachekeys import library_versions, stage_cache_key
+    from tasks.machinery.cachekeys import library_versions, stage_cache_key
 
     assert library_versions()["rensa"] != "absent" and "pyahocorasick" in library_versions()
     a = DataConfig(sft=DatasetSource(source="a.jsonl")).model_dump(mode="json")

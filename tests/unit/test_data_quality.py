@@ -9,9 +9,9 @@ import random
 import pyarrow.parquet as pq
 import pytest
 
-from tasks import dedup
-from tasks.data import DataConfig, DataError, DatasetSource, prepare_data, split_files
-from tasks.shapes import normalize
+from tasks.blocks import dedup
+from tasks.kinds.prepare_data import DataConfig, DataError, DatasetSource, prepare_data, split_files
+from tasks.blocks.shapes import normalize
 
 
 def _jsonl(path, rows, opener=open):

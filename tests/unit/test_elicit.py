@@ -6,7 +6,7 @@ from itertools import combinations
 import pytest
 import torch
 
-from tasks.elicit import RULES, Ensemble, EnsembleSettings, RaterSettings, SimulatedRater, select_pair
+from tasks.kinds.elicit import RULES, Ensemble, EnsembleSettings, RaterSettings, SimulatedRater, select_pair
 
 pytestmark = pytest.mark.unit
 
@@ -88,7 +88,7 @@ def test_the_simulated_rater_knows_the_truth_and_slips_at_its_noise_rate():
 
 @pytest.mark.parametrize("training", [{"processes": 2}, {"checkpoint_steps": 5}, {"launcher": "accelerate"}])
 def test_the_nested_dpo_refuses_settings_it_cannot_honour(training):
-    from tasks.elicit import ElicitConfig
+    from tasks.kinds.elicit import ElicitConfig
 
     with pytest.raises(ValueError, match="dpo.training: the DPO inside elicit trains in the stage's process"):
         ElicitConfig.model_validate({"dpo": {"training": training}})

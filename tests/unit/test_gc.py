@@ -4,7 +4,7 @@ import os
 import time
 
 from flows.gc import delete, find_garbage
-from tasks.store import ArtifactStore
+from tasks.machinery.store import ArtifactStore
 
 
 def _commit(store, area, key, text="x"):

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from tasks import gguf
-from tasks.modeling import is_model_reference, resolve_model
+from tasks.machinery import gguf
+from tasks.machinery.modeling import is_model_reference, resolve_model
 from tasks.stage import input_tags, materialize_input
-from tasks.store import ArtifactStore
+from tasks.machinery.store import ArtifactStore
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def tiny(tmp_path_factory):
     byte-level BPE tokenizer, saved as a Hugging Face folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tasks.modeling import build_tokenizer
+    from tasks.machinery.modeling import build_tokenizer
 
     tokenizer = build_tokenizer([f"what is {a} plus {b}? {a + b}" for a in range(30) for b in range(30)], 300)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -68,7 +68,7 @@ def test_a_gguf_input_is_converted_once_into_the_store_keyed_by_the_files_digest
     assert is_model_reference("tiny.q8_0.gguf") and is_model_reference(str(file))
     raw = resolve_model(str(file))
     assert raw["gguf"] and raw["kind"] == "model" and raw["uri"] == str(file.resolve())
-    from tasks.fingerprints import file_digest
+    from tasks.machinery.fingerprints import file_digest
 
     assert raw["digest"] == file_digest(file)
     assert resolve_model(str(file), digest=False)["digest"] == ""  # pre-flight only checks it is there

@@ -8,7 +8,7 @@ import yaml
 
 from flows.config import ConfigError, PipelineConfig, load_config, validate_recipe
 from flows.graph import build_nodes, downstream_of, node_names
-from tasks.kinds import KIND_MODULES, VALUE_TYPES, kinds
+from tasks.kinds import VALUE_TYPES, kind_modules, kinds
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = {"kind": "prepare_data", "sft": {"source": "a.jsonl"}, "preference": {"source": "b.jsonl"},
@@ -28,11 +28,11 @@ def problems_of(tree: dict) -> str:
 
 
 def test_every_kind_is_declared_once_with_typed_slots_and_headline():
-    assert len(kinds()) == len(KIND_MODULES)
+    assert len(kinds()) == len(kind_modules())
     for name, kind in kinds().items():
         assert kind.name == name and kind.description and kind.headline, name
         assert kind.output in VALUE_TYPES and all(slot.type in VALUE_TYPES for slot in kind.inputs.values()), name
-        assert kind.module in KIND_MODULES, "one module per kind"
+        assert kind.module == f"tasks.kinds.{name}", "one module per kind, named as the kind"
 
 
 def test_shipped_recipes_cover_the_common_shapes():
@@ -117,7 +117,7 @@ def test_overrides_reach_instances_by_name_and_chain_recipes_still_take_theirs()
 
 def test_settings_are_parsed_once_into_the_kinds_typed_config():
     cfg = load_config(ROOT / "configs" / "dpo-betas.yaml")
-    from tasks.align import DPOStageConfig
+    from tasks.blocks.align import DPOStageConfig
 
     assert isinstance(cfg.stages["dpo_beta01"], DPOStageConfig)
     again = PipelineConfig.model_validate(cfg.model_dump(mode="json"))

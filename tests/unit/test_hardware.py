@@ -1,7 +1,7 @@
 """What a run records of its hardware, and what `posttrain reproduce` promises from it."""
 
 from flows.reproduce import CROSS_HARDWARE_ATOL, CROSS_HARDWARE_RTOL, Recorded, Tolerance, compare
-from tasks import hardware
+from tasks.machinery import hardware
 
 
 def test_the_description_names_cpu_kernels_threads_and_build():

@@ -1,5 +1,5 @@
-"""The import direction: flows/ orchestrates tasks/, never the other way round; no circle among the stage
-machinery; kind modules do not pull in Prefect at import."""
+"""The import direction: flows/ orchestrates tasks/, never the other way round; inside tasks/, kinds ->
+blocks -> machinery; no import circle anywhere; kind modules do not pull in Prefect at import."""
 
 import ast
 import subprocess
@@ -19,23 +19,71 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _project_modules() -> dict[str, Path]:
+    return {_module_name(p): p for folder in ("tasks", "flows") for p in sorted((ROOT / folder).rglob("*.py"))}
+
+
 def test_tasks_never_import_flows():
-    for path in sorted((ROOT / "tasks").glob("*.py")):
-        bad = sorted(m for m in _imports(path) if m == "flows" or m.startswith("flows."))
-        assert not bad, f"{path.name} imports {bad}"
+    for path in sorted((ROOT / "tasks").rglob("*.py")):
+        bad = sorted(m for m in _runtime_imports(path) if m == "flows" or m.startswith("flows."))
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 
 
-def test_no_import_circle_among_the_stage_machinery():
-    machinery = ["stage", "launch", "training", "checkpoints", "modeling", "ray_engine"]
-    graph = {m: {i.split(".")[1] for i in _imports(ROOT / "tasks" / f"{m}.py")
-                 if i.startswith("tasks.") and i.split(".")[1] in machinery and i.split(".")[1] != m}
-             for m in machinery}
+ROOMS = {"machinery": {"machinery"}, "blocks": {"blocks", "machinery"}, "kinds": {"blocks", "machinery"}}
 
-    def reaches(start: str, goal: str, seen=()) -> bool:
-        return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in graph[start])
 
-    circles = [m for m in machinery if reaches(m, m)]
-    assert not circles, f"import circle through {circles}: {graph}"
+def test_rooms_import_in_one_direction():
+    """kinds -> blocks -> machinery, never back; the registry (tasks/kinds/__init__.py) reads only machinery;
+    only the stage task and flows/ look kinds up."""
+    for room, allowed in ROOMS.items():
+        for path in sorted((ROOT / "tasks" / room).glob("*.py")):
+            imported = {m.split(".")[1] if m.count(".") >= 1 else "" for m in _runtime_imports(path)
+                        if m.startswith("tasks.")} - {"MOVED_MODULES"}
+            may = {"machinery"} if path.name == "__init__.py" else allowed
+            wrong = sorted(imported - may)
+            assert not wrong, f"{path.relative_to(ROOT)} ({room}) imports tasks.{wrong}: it may import {sorted(may)}"
+
+
+def test_every_kind_lives_in_the_kinds_package_and_is_found_there():
+    from tasks.kinds import kind_modules, kinds
+
+    files = sorted(p.stem for p in (ROOT / "tasks" / "kinds").glob("*.py") if p.name != "__init__.py")
+    assert [m.rsplit(".", 1)[1] for m in kind_modules()] == files
+    assert sorted(kinds()) == files, "each module declares the kind it is named after"
+
+
+def test_no_import_circle_anywhere():
+    """Over tasks/ and flows/, function-level imports included, and the registry's loading of every kind."""
+    modules = _project_modules()
+
+    def resolve(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {m: {r for i in _runtime_imports(path) if i.split(".")[0] in ("tasks", "flows")
+                 if (r := resolve(i)) and r != m} for m, path in modules.items()}
+    graph["tasks.kinds"] |= {m for m in modules if m.startswith("tasks.kinds.")}  # kinds() loads each kind
+
+    def circle_from(start: str) -> list[str] | None:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph.get(node, ()):
+                if nxt == start:
+                    return path + [start]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, path + [nxt]))
+        return None
+
+    circles = [c for m in sorted(graph) if (c := circle_from(m))]
+    assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)
 
 
 def test_recipe_validation_does_not_import_prefect_or_torch():
@@ -63,40 +111,17 @@ def _runtime_imports(path: Path) -> set[str]:
     return found
 
 
-def test_no_import_circle_in_flows():
-    modules = {p.stem for p in (ROOT / "flows").glob("*.py")}
-    graph = {m: {i.split(".")[1] for i in _runtime_imports(ROOT / "flows" / f"{m}.py")
-                 if i.startswith("flows.") and i.split(".")[1] in modules and i.split(".")[1] != m}
-             for m in modules}
-
-    def circle_from(start: str) -> list[str] | None:
-        stack = [(start, [start])]
-        seen = set()
-        while stack:
-            node, path = stack.pop()
-            for nxt in graph[node]:
-                if nxt == start:
-                    return path + [start]
-                if nxt not in seen:
-                    seen.add(nxt)
-                    stack.append((nxt, path + [nxt]))
-        return None
-
-    circles = [c for m in sorted(modules) if (c := circle_from(m))]
-    assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)
-
-
 def test_tasks_read_nothing_that_only_flows_adds():
     """A kind's config is validated alone (tasks/) or as a recipe instance (flows/ adds kind, inputs, rounds);
     what a config needs from its inputs is the kind's `input_problems`, not a field only flows/ provides."""
-    for path in sorted((ROOT / "tasks").glob("*.py")):
+    for path in sorted((ROOT / "tasks").rglob("*.py")):
         text = path.read_text()
         for field in ("inputs", "rounds"):
             assert f'getattr(self, "{field}"' not in text, f"{path.name} reads the instance field {field!r}"
 
 
 def test_kinds_never_import_other_kinds():
-    """What several kinds share lives in a shared module (tasks/align.py, splits.py, scoring.py, teachers.py,
+    """What several kinds share lives in a shared module (tasks/blocks/align.py, splits.py, scoring.py, teachers.py,
     ...), so a kind's cache key covers the code it runs, not another kind's."""
     from tasks.kinds import kinds
 

@@ -161,12 +161,12 @@ def test_kuberay_credentials_come_from_a_secret_never_from_the_manifest(rayclust
             assert not re.search(r"KEY|SECRET|PASSWORD|TOKEN|TRACKING_URI", variable["name"]), variable
 
 
-def test_the_readme_ray_example_is_a_valid_orchestration_section():
+def test_the_documented_ray_example_is_a_valid_orchestration_section():
     from flows.config import OrchestrationConfig
 
-    readme = (ROOT / "README.md").read_text()
-    example = re.search(r"```yaml\n(# orchestration on a Ray cluster.*?)```", readme, re.S)
-    assert example, "README: the Ray cluster example"
+    guide = (ROOT / "docs" / "guides" / "servers.md").read_text()
+    example = re.search(r"```yaml\n(# orchestration on a Ray cluster.*?)```", guide, re.S)
+    assert example, "docs/guides/servers.md: the Ray cluster example"
     section = yaml.safe_load(example.group(1))["orchestration"]
     settings = OrchestrationConfig.model_validate(section)
     assert settings.engine == "ray" and settings.ray.address.startswith("ray://posttrain-ray-head-svc:10001")

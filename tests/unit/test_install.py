@@ -39,7 +39,9 @@ def test_the_aws_client_stack_is_pinned_to_one_consistent_release():
 
 def test_ci_runs_the_readme_test_command_verbatim_in_a_fresh_virtualenv():
     readme, ci = (ROOT / "README.md").read_text(), (ROOT / ".ci" / "run").read_text()
-    command = 'pip install torch==2.13.0 uv==0.13.9 && uv pip install --system-certs --compile-bytecode -c constraints.txt -e ".[test,ray]" && python -m pytest'
+    command = ('pip install torch==2.13.0 uv==0.13.9 && uv pip install --system-certs --compile-bytecode -c constraints.txt '
+               '-e ".[test,ray,docs]" && mkdocs build --strict && python -m pytest')
     assert f"```bash\n{command}\n```" in readme and f"\n{command}\n" in ci
+    assert f"```bash\n{command}\n```" in (ROOT / "docs" / "tests.md").read_text()
     assert "python3 -m venv" in ci and 'source "$venv/bin/activate"' in ci
     assert "pip install torch==2.13.0 uv==0.13.9 && uv pip install --system-certs --compile-bytecode -c constraints.txt -e . && posttrain run" in readme

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from tasks.scoring import bootstrap_intervals
+from tasks.blocks.scoring import bootstrap_intervals
 
 
 def test_intervals_are_seeded_contain_the_mean_and_narrow_with_more_prompts():

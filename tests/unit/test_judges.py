@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from tasks.judges import (EndpointError, JudgeSettings, VerdictCache, build_judge, judge_prompts, judge_sources,
+from tasks.blocks.judges import (EndpointError, JudgeSettings, VerdictCache, build_judge, judge_prompts, judge_sources,
                           parse_verdict, prompt_ref, render)
 from tests.servers import OpenAIServer
 
@@ -114,8 +114,8 @@ def test_judge_settings_say_what_a_backend_needs():
     with pytest.raises(ValueError, match="judge backend 'endpoint' needs url and model"):
         JudgeSettings(backend="endpoint")
     with pytest.raises(ValueError, match="expected module:function"):
-        JudgeSettings(backend="rule", function="tasks.synthetic")
-    rule = build_judge(JudgeSettings(backend="rule", function="tasks.synthetic:arithmetic_reward"))
+        JudgeSettings(backend="rule", function="tasks.machinery.synthetic")
+    rule = build_judge(JudgeSettings(backend="rule", function="tasks.machinery.synthetic:arithmetic_reward"))
     assert rule.score(Q, ["12", "5"]) == [1.0, 1.0] and rule.prefer(Q, ["12", "4"], ["2", "5"]) == [1.0, 0.0]
     assert parse_verdict("score", "Score: 7/10") == 7.0 and parse_verdict("compare", "B.") == 0.0
     assert parse_verdict("compare", "neither") == 0.5
@@ -128,7 +128,7 @@ def test_judge_settings_say_what_a_backend_needs():
 def test_a_local_model_judges_from_its_next_token_probabilities(tmp_path, registry):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tasks.modeling import build_tokenizer, save_model
+    from tasks.machinery.modeling import build_tokenizer, save_model
 
     texts = ["What is 7 plus 5? 12 Yes No A B"] * 20
     tokenizer = build_tokenizer(texts, 300)
@@ -155,7 +155,7 @@ def test_an_endpoint_judges_every_pair_of_models_for_the_win_rate_matrix(server_
                                                                           monkeypatch):
     """evaluate's pairwise verdicts from a compare-only endpoint judge: one ask per pair and prompt (both orders),
     never a score; the verdicts read both ways."""
-    from tasks.evaluate import win_rates
+    from tasks.kinds.evaluate import win_rates
 
     monkeypatch.setenv("TEST_JUDGE_KEY", KEY)
     server = server_factory("--api-key", KEY)
@@ -172,9 +172,9 @@ def test_an_endpoint_judges_every_pair_of_models_for_the_win_rate_matrix(server_
 
 def test_a_rule_judge_scores_each_models_replies_once():
     """evaluate's judge_score and, from those scores, the pairwise verdicts of a scoring judge."""
-    from tasks.evaluate import win_rates
+    from tasks.kinds.evaluate import win_rates
 
-    judge = build_judge(JudgeSettings(backend="rule", function="tasks.synthetic:arithmetic_reward"))
+    judge = build_judge(JudgeSettings(backend="rule", function="tasks.machinery.synthetic:arithmetic_reward"))
     answers = {"right": ["12", "5"], "wrong": ["2", "6"], "half": ["12", "6"]}
     scores = judge.scores_of(Q, answers)
     assert scores == {"right": [1.0, 1.0], "wrong": [0.0, 0.0], "half": [1.0, 0.0]}

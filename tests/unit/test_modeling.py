@@ -2,7 +2,7 @@
 
 import torch
 
-from tasks import modeling
+from tasks.machinery import modeling
 
 
 def test_auto_dtype_is_bf16_on_a_gpu_that_supports_it_and_fp32_elsewhere(monkeypatch):
@@ -53,7 +53,7 @@ def test_a_model_named_twice_in_a_run_is_resolved_and_hashed_once(tmp_path, monk
 
 
 def test_lora_variants_and_modules_to_save_reach_peft():
-    from tasks.training import LoraSettings, peft_config
+    from tasks.machinery.training import LoraSettings, peft_config
 
     assert peft_config(LoraSettings()) is None
     dora = peft_config(LoraSettings(enabled=True, variant="dora"))

@@ -64,7 +64,7 @@ def test_a_misspelled_hub_id_fails_pre_flight_and_a_real_one_is_pinned(tmp_path)
         env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "POSTTRAIN_HOME": str(tmp_path / "home"),
                "HF_HUB_CACHE": str(tmp_path / "hub-cache")}
         check = ("import json, sys; from flows.config import load_config; from flows.preflight import preflight, "
-                 "PreflightError; from tasks.modeling import resolve_model; from tasks.fingerprints import "
+                 "PreflightError; from tasks.machinery.modeling import resolve_model; from tasks.machinery.fingerprints import "
                  "resolve_hub_revision\n"
                  "cfg = load_config(None, sys.argv[1:])\n"
                  "try:\n    preflight(cfg); print(json.dumps({'ok': True, 'model': resolve_model('org/real-model'), "

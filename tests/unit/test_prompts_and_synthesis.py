@@ -1,10 +1,10 @@
-"""Prompt templates (tasks/prompts.py), synthetic prompts from topics x audiences x styles x templates, and the
+"""Prompt templates (tasks/blocks/prompts.py), synthetic prompts from topics x audiences x styles x templates, and the
 recipe checks of the elicit, synthesize and prompt_search kinds."""
 
 import pytest
 
-from tasks.prompts import as_messages, wrap
-from tasks.synthesize import SynthesizeConfig, build_prompts, read_entries, resolve_templates
+from tasks.blocks.prompts import as_messages, wrap
+from tasks.kinds.synthesize import SynthesizeConfig, build_prompts, read_entries, resolve_templates
 
 pytestmark = pytest.mark.unit
 

@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from flows.config import PipelineConfig
-from tasks.ray_engine import per_worker_training
-from tasks.training import TrainingSettings
+from tasks.machinery.ray_engine import per_worker_training
+from tasks.machinery.training import TrainingSettings
 
 TINY = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml").read_text())
 

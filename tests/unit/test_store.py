@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.store import MANIFEST, ArtifactError, ArtifactStore, Ref, safe_component
+from tasks.machinery.store import MANIFEST, ArtifactError, ArtifactStore, Ref, safe_component
 
 
 def _write(store, stage="sft", key="sft-abc", content=b"weights"):
@@ -119,7 +119,7 @@ def test_a_corrupted_output_is_named_and_quarantined(tmp_path):
 
 
 def test_a_corrupted_checkpoint_falls_back_to_an_older_one(tmp_path):
-    from tasks.checkpoints import StoreCheckpoints
+    from tasks.machinery.checkpoints import StoreCheckpoints
 
     store = ArtifactStore(str(tmp_path))
     for step in (4, 8):
@@ -160,7 +160,7 @@ def test_names_cannot_climb_out_of_the_root(tmp_path, name):
 
 
 def test_a_model_named_by_its_path_inside_the_store_is_read_where_it_is(tmp_path):
-    from tasks.modeling import resolve_model
+    from tasks.machinery.modeling import resolve_model
     from tasks.stage import materialize_input
 
     store = ArtifactStore(str(tmp_path / "store"))
@@ -176,7 +176,7 @@ def test_a_model_named_by_its_path_inside_the_store_is_read_where_it_is(tmp_path
 def test_an_unchanged_local_output_is_verified_without_reading_it_again(tmp_path, monkeypatch):
     import os
 
-    from tasks import store as store_module
+    from tasks.machinery import store as store_module
 
     monkeypatch.setenv("POSTTRAIN_HOME", str(tmp_path / "home"))
     store = ArtifactStore(str(tmp_path / "root"))

@@ -1,4 +1,4 @@
-from tasks import tracking
+from tasks.machinery import tracking
 
 
 def test_metric_names_are_sanitized():
@@ -37,7 +37,7 @@ def test_long_params_are_cut_with_a_marker_not_dropped(tmp_path):
 
 
 def test_credentials_are_stripped_for_parameters_and_found_again_in_the_local_environment(monkeypatch):
-    from tasks.tracking import strip_credentials, with_local_credentials
+    from tasks.machinery.tracking import strip_credentials, with_local_credentials
 
     secret = "https://alice:pa55word@mlflow.example.com:5000"
     assert strip_credentials(secret) == "https://mlflow.example.com:5000"

@@ -5,14 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from tasks import word_problems
+from tasks.blocks import word_problems
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_shipped_files_are_what_the_writer_makes_and_read_in_their_hub_shapes(tmp_path):
-    from tasks.data import DataConfig, prepare_data
-    from tasks.splits import load_split
+    from tasks.kinds.prepare_data import DataConfig, prepare_data
+    from tasks.machinery.splits import load_split
 
     written = word_problems.write_files(tmp_path / "wp")
     for name in ("sft", "preference", "eval"):
@@ -48,7 +48,7 @@ def test_the_verifiers_check_the_format_and_the_number():
 
 
 def test_forgetting_prompts_are_read_with_errors_naming_the_line(tmp_path):
-    from tasks.evaluate import read_prompts
+    from tasks.kinds.evaluate import read_prompts
 
     prompts = read_prompts(str(ROOT / "configs" / "word-problems" / "general.jsonl"))
     assert len(prompts) == 40 and prompts[0] == [{"role": "user", "content": "What is the capital of France?"}]
