@@ -64,7 +64,7 @@ def ceiling(found: dict, seed: int) -> float:
     what the features can hold at most."""
     from flows.config import load_config
     from tasks.machinery.splits import load_split
-    from tasks.kinds.elicit import Ensemble, Features
+    from tasks.blocks.elicitation import Ensemble, Features
     from tasks.machinery.store import ArtifactStore, Ref
 
     store = ArtifactStore(found["storage_root"])

@@ -1,4 +1,4 @@
-"""The recipe: one typed model. Its `stages` name stage instances, each with a kind (tasks/kinds.py), its
+"""The recipe: one typed model. Its `stages` name stage instances, each with a kind (tasks/kinds/), its
 settings and its inputs by name; together they form the graph the flow runs.
 
     stages:

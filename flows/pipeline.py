@@ -31,10 +31,6 @@ class PipelineFailed(RuntimeError):
         self.summary = summary
 
 
-class NotInStore(RuntimeError):
-    """A stage left out of the selection has no stored output for its current settings and inputs."""
-
-
 def node_inputs(cfg: PipelineConfig, node: Node, outputs: dict[str, dict], models: dict[str, dict]) -> dict[str, dict]:
     """The stage's inputs as references: upstream outputs, external models (each resolved, and a folder
     hashed, once per run: `models` keeps them), the sources it reads."""

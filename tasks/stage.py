@@ -1,7 +1,7 @@
 """The one generic Prefect task every stage runs under: cache key, inputs, atomic output, MLflow child run.
 
 A stage instance of a recipe runs as `stage_task()(kind=..., instance=..., config=..., inputs=...)`;
-the kind's work function (tasks/kinds.py) receives its typed config, its inputs as local folders, and
+the kind's work function (tasks/kinds/<kind>.py) receives its typed config, its inputs as local folders, and
 writes its output into `out`. Everything else is here:
 
 * the cache key (tasks.machinery.cachekeys) doubles as Prefect's cache key and as the output's folder name, so

@@ -23,57 +23,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import sqlite3
 import threading
-import time
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tasks.machinery.training import Section
+from tasks.blocks.endpoints import ChatEndpoint, EndpointError, EndpointSettings
+from tasks.blocks.judge_prompts import Mode, load_template, prompt_ref, render
 
 logger = logging.getLogger("posttrain")
 
-Mode = Literal["score", "compare"]
-# The default prompts: a number (endpoint) or a Yes/No verdict (hf_model) for one reply; A or B for two.
-DEFAULT_PROMPTS: dict[tuple[str, str], str] = {
-    ("endpoint", "score"): (
-        "You are grading an assistant's reply. Rate how correct and helpful the reply is, from 1 (wrong or "
-        "unhelpful) to 10 (correct and helpful). Answer with the number only.\n\n"
-        "Question: {{question}}\n\nReply: {{answer}}"),
-    ("hf_model", "score"): (
-        "Is this reply to the question correct and helpful? Answer Yes or No.\n\n"
-        "Question: {{question}}\n\nReply: {{answer}}"),
-    ("endpoint", "compare"): (
-        "Which reply answers the question better (correct first, then helpful and concise)? Answer with the "
-        "letter A or B only.\n\nQuestion: {{question}}\n\nReply A: {{answer_a}}\n\nReply B: {{answer_b}}"),
-    ("hf_model", "compare"): (
-        "Which reply answers the question better? Answer A or B.\n\n"
-        "Question: {{question}}\n\nReply A: {{answer_a}}\n\nReply B: {{answer_b}}"),
-}
-
-
-class EndpointSettings(Section):
-    """How to reach an OpenAI-compatible chat API (a judge's, a teacher's)."""
-
-    model: str | None = Field(None, description="endpoint: the model name sent with each request.")
-    url: str | None = Field(None, description="endpoint: base URL of the API, e.g. http://127.0.0.1:8000/v1 "
-                            "(requests go to <url>/chat/completions).")
-    api_key_env: str = Field("OPENAI_API_KEY", description="endpoint: the environment variable holding the API key "
-                             "(read at run time; the key itself is never in a recipe, log or cache key).")
-    concurrency: int = Field(8, ge=1, description="endpoint: requests in flight at once.")
-    timeout_seconds: float = Field(60.0, gt=0, description="endpoint: seconds before one request is given up.")
-    retries: int = Field(3, ge=0, description="endpoint: retries of a request that timed out or got a 429/5xx.")
-    retry_backoff_seconds: float = Field(1.0, ge=0, description="endpoint: wait before the first retry; doubles "
-                                         "with each further one (at most 30 s).")
-
-    def check_endpoint(self, who: str) -> None:
-        missing = [name for name in ("url", "model") if not getattr(self, name)]
-        if missing:
-            raise ValueError(f"{who} backend 'endpoint' needs {' and '.join(missing)}")
 
 
 class JudgeSettings(EndpointSettings):
@@ -173,73 +135,6 @@ def judge_prompts(inputs: dict, prefix: str) -> dict[str, dict]:
     """{mode: prompt ref} of one judge, from a stage's inputs."""
     head = f"{prefix}.prompt."
     return {name[len(head):]: ref for name, ref in inputs.items() if name.startswith(head)}
-
-
-# --- prompts: versioned in the MLflow prompt registry ---------------------------------------------------------
-
-def render(template: str, **values: str) -> str:
-    def value(match: re.Match) -> str:
-        name = match.group(1)
-        if name not in values:
-            raise ValueError(f"judge prompt: unknown variable {{{{{name}}}}} (known: {', '.join(sorted(values))})")
-        return values[name]
-
-    return re.sub(r"\{\{\s*(\w+)\s*\}\}", value, template)
-
-
-def _check_variables(template: str, mode: Mode, where: str) -> None:
-    wanted = {"score": {"question", "answer"}, "compare": {"question", "answer_a", "answer_b"}}[mode]
-    found = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", template))
-    if not wanted <= found or found - wanted:
-        raise ValueError(f"{where}: a {mode} prompt uses {{{{{'}}, {{'.join(sorted(wanted))}}}}} "
-                         f"(it has {', '.join(sorted(found)) or 'no variables'})")
-
-
-def prompt_ref(judge: JudgeSettings, mode: Mode, tracking_uri: str | None) -> dict | None:
-    """The judge prompt as a stage input {uri: prompts:/name/version, digest, kind: source}: a registered prompt
-    resolved to its version, or an inline/default prompt registered (a new version only when its text
-    changed). None for back-ends without a prompt."""
-    from tasks.machinery import tracking
-    from tasks.machinery.store import digest_json
-
-    if not judge.prompted:
-        return None
-    client = tracking.client(tracking_uri)
-    if judge.prompt and judge.prompt.startswith("prompts:/"):
-        try:
-            version = client.load_prompt(judge.prompt)
-        except Exception as e:  # noqa: BLE001 - MLflow raises several types for a missing prompt
-            raise ValueError(f"judge prompt {judge.prompt}: not in the MLflow prompt registry ({e})") from None
-        name = version.name
-    else:
-        template = judge.prompt or DEFAULT_PROMPTS[(judge.backend, mode)]
-        _check_variables(template, mode, "judge prompt")
-        name = judge.registry_name(mode)
-        latest = _latest_version(client, name)
-        if latest is not None and latest.template == template:
-            version = latest
-        else:
-            version = client.register_prompt(name, template, commit_message="registered by posttrain",
-                                             tags={"posttrain.backend": judge.backend, "posttrain.mode": mode})
-            logger.info("judge prompt %s: registered version %s", name, version.version)
-    _check_variables(version.template, mode, f"judge prompt prompts:/{name}/{version.version}")
-    return {"uri": f"prompts:/{name}/{version.version}", "kind": "source",
-            "digest": digest_json({"prompt": name, "version": str(version.version), "template": version.template})}
-
-
-def _latest_version(client, name: str):
-    try:
-        found = client.search_prompt_versions(name)
-    except Exception:  # noqa: BLE001 - no such prompt yet
-        return None
-    versions = list(getattr(found, "prompt_versions", found) or [])
-    return max(versions, key=lambda v: int(v.version)) if versions else None
-
-
-def load_template(ref: dict, tracking_uri: str | None) -> str:
-    from tasks.machinery import tracking
-
-    return tracking.client(tracking_uri).load_prompt(ref["uri"]).template
 
 
 # --- the verdict cache ---------------------------------------------------------------------------------------
@@ -439,78 +334,6 @@ class HFModelJudge(_PromptedJudge):
                 logits = self.model(**enc).logits[:, -1, pair].float()
             out += torch.softmax(logits, dim=-1)[:, 0].tolist()
         return out
-
-
-class EndpointError(RuntimeError):
-    pass
-
-
-class ChatEndpoint:
-    """An OpenAI-compatible chat API: POST <url>/chat/completions, `concurrency` requests in flight, each with a
-    timeout and retries with back-off on timeouts, transport errors, 429 and 5xx. `role` names it in errors and
-    progress lines (a judge, a teacher)."""
-
-    def __init__(self, cfg: EndpointSettings, role: str = "judge"):
-        self.cfg, self.role = cfg, role
-        self.url = cfg.url.rstrip("/") + "/chat/completions"
-
-    def _headers(self) -> dict:
-        key = os.environ.get(self.cfg.api_key_env)
-        return {"Authorization": f"Bearer {key}"} if key else {}
-
-    def complete_many(self, conversations: list[list[dict]], max_tokens: int, temperature: float = 0.0,
-                      parse=None, what: str = "replies") -> list:
-        """Each conversation's reply (through `parse`, when given), in order."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        import httpx
-
-        started, done = time.monotonic(), [0]
-        lock = threading.Lock()
-
-        with httpx.Client(timeout=self.cfg.timeout_seconds, headers=self._headers()) as http:
-            def ask(messages: list[dict]):
-                body = {"model": self.cfg.model, "messages": messages, "temperature": temperature,
-                        "max_tokens": max_tokens}
-                reply = self._request(http, body)
-                value = parse(reply) if parse else reply
-                with lock:
-                    done[0] += 1
-                    if done[0] % 100 == 0 or done[0] == len(conversations):
-                        logger.info("%s %s: %d/%d %s (%.0f s)", self.role, self.cfg.model, done[0], len(conversations),
-                                    what, time.monotonic() - started)
-                return value
-
-            with ThreadPoolExecutor(max_workers=self.cfg.concurrency, thread_name_prefix=self.role) as pool:
-                return list(pool.map(ask, conversations))
-
-    def _request(self, http, body: dict) -> str:
-        import httpx
-
-        problem = ""
-        for attempt in range(self.cfg.retries + 1):
-            if attempt:
-                time.sleep(min(self.cfg.retry_backoff_seconds * 2.0 ** (attempt - 1), 30.0))
-            try:
-                response = http.post(self.url, json=body)
-            except httpx.TimeoutException:
-                problem = f"no answer within {self.cfg.timeout_seconds:g} s"
-                continue
-            except httpx.TransportError as e:
-                problem = f"{type(e).__name__}: {e}"
-                continue
-            if response.status_code == 429 or response.status_code >= 500:
-                problem = f"HTTP {response.status_code}"
-                continue
-            if response.status_code >= 400:  # a bad model name, a bad key: asking again will not help
-                raise EndpointError(f"{self.role} endpoint {self.url}: HTTP {response.status_code}: "
-                                    f"{response.text[:300]}")
-            try:
-                return response.json()["choices"][0]["message"]["content"] or ""
-            except (ValueError, KeyError, IndexError, TypeError):
-                raise EndpointError(f"{self.role} endpoint {self.url}: not an OpenAI chat completion: "
-                                    f"{response.text[:300]}") from None
-        raise EndpointError(f"{self.role} endpoint {self.url}: {problem} after {self.cfg.retries + 1} attempts")
 
 
 class EndpointJudge(_PromptedJudge):

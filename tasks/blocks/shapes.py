@@ -42,7 +42,6 @@ ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
                   "system": "system", "observation": "tool", "tool": "tool", "function_response": "tool",
                   "function_call": "assistant"}
-MESSAGE_FIELDS = ("role", "content", "tool_calls", "tool_call_id", "name", "weight")
 HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant): ?")
 
 

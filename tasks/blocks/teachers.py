@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tasks.blocks.judges import EndpointSettings
+from tasks.blocks.endpoints import EndpointSettings
 
 
 class TeacherSettings(EndpointSettings):
@@ -33,7 +33,7 @@ def teach(cfg: TeacherSettings, teacher, prompts: list[str], samples: int, seed:
     system = [{"role": "system", "content": cfg.system}] if cfg.system else []
     chats = [system + [{"role": "user", "content": p}] for p in prompts]
     if cfg.backend == "endpoint":
-        from tasks.blocks.judges import ChatEndpoint
+        from tasks.blocks.endpoints import ChatEndpoint
 
         flat = ChatEndpoint(cfg, "teacher").complete_many([c for c in chats for _ in range(samples)],
                                                           cfg.max_new_tokens, cfg.temperature)

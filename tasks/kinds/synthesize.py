@@ -108,7 +108,7 @@ def resolve_templates(templates: list[str], tracking_uri: str | None) -> list[di
 
 def build_prompts(cfg: SynthesizeConfig, templates: list[dict], seed: int) -> list[dict]:
     """The distinct rendered prompts with where each came from (topic, audience, style, template)."""
-    from tasks.blocks.judges import render
+    from tasks.blocks.judge_prompts import render
 
     lists = {"topic": read_entries(cfg.topics, "topics"), "audience": read_entries(cfg.audiences, "audiences"),
              "style": read_entries(cfg.styles, "styles")}

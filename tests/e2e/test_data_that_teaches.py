@@ -188,7 +188,8 @@ def test_an_elicitation_round_with_dpo_trains_the_policy_the_next_round_samples(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.kinds.elicit import ElicitConfig, SimulatedRater, elicit_round
+    from tasks.blocks.elicitation import SimulatedRater
+    from tasks.kinds.elicit import ElicitConfig, elicit_round
 
     _, root = prepared
     cfg = ElicitConfig(rule="infomax", prompts_per_round=16, candidates=4, max_completion_length=4, eval_prompts=8,

@@ -6,7 +6,7 @@ from itertools import combinations
 import pytest
 import torch
 
-from tasks.kinds.elicit import RULES, Ensemble, EnsembleSettings, RaterSettings, SimulatedRater, select_pair
+from tasks.blocks.elicitation import RULES, Ensemble, EnsembleSettings, RaterSettings, SimulatedRater, select_pair
 
 pytestmark = pytest.mark.unit
 

@@ -6,7 +6,8 @@ import logging
 
 import pytest
 
-from tasks.blocks.judges import (EndpointError, JudgeSettings, VerdictCache, build_judge, judge_prompts, judge_sources,
+from tasks.blocks.endpoints import EndpointError
+from tasks.blocks.judges import (JudgeSettings, VerdictCache, build_judge, judge_prompts, judge_sources,
                           parse_verdict, prompt_ref, render)
 from tests.servers import OpenAIServer
 
