@@ -97,7 +97,7 @@ def bare_trainers(summary_path: Path, seed: int) -> dict[str, float]:
 
     from flows.config import load_config
     from tasks.kinds.kto import unpaired_rows
-    from tasks.stage import materialize_input
+    from tasks.machinery.context import materialize_input
     from tasks.machinery.store import ArtifactStore
     from tasks.machinery.training import trainer_kwargs
 

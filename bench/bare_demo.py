@@ -35,7 +35,7 @@ def main() -> None:
 
     from flows.config import load_config
     from tasks.kinds import dpo
-    from tasks.stage import StageContext
+    from tasks.machinery.context import StageContext
     from tasks.kinds.prepare_data import DatasetSource, prepare_data
     from tasks.machinery.sources import read_rows
     from tasks.kinds.evaluate import evaluate

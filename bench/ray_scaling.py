@@ -46,7 +46,7 @@ def prepare(root: Path):
 def run(config, root: Path, name: str, ray: dict | None) -> dict:
     from tasks.machinery.launch import run_training
     from tasks.kinds.sft import _train
-    from tasks.stage import RunEnv, StageContext
+    from tasks.machinery.context import RunEnv, StageContext
 
     env = RunEnv(storage_root=str(root / "store"), tracking_uri="unused", experiment_id="0",
                  parent_run_id="unused", ray=ray) if ray else None

@@ -74,7 +74,7 @@ def main() -> None:
         env = {**ENV, "POSTTRAIN_HOME": str(home)}
         try:
             stage(home, "data", overrides)
-            convert = ("from tasks.machinery.modeling import resolve_model; from tasks.stage import materialize_input; "
+            convert = ("from tasks.machinery.modeling import resolve_model; from tasks.machinery.context import materialize_input; "
                        "from tasks.machinery.store import ArtifactStore; import sys; print(materialize_input(ArtifactStore("
                        f"'{home / 'artifacts'}'), resolve_model('{gguf_file}')))")
             folder = subprocess.run([sys.executable, "-c", convert], env=env, cwd=ROOT, capture_output=True,

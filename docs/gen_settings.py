@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -15,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from flows.config import PipelineConfig  # noqa: E402
-from tasks.kinds import VALUE_TYPES, kinds  # noqa: E402
+from tasks.machinery.stagekind import VALUE_TYPES
+from tasks.kinds import kinds  # noqa: E402
 
 
 class MissingDescription(RuntimeError):
@@ -26,7 +28,7 @@ def type_name(annotation) -> str:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Literal:
         return " \\| ".join(json.dumps(a) for a in args)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return " \\| ".join(type_name(a) for a in args)
     if origin in (list, tuple, set):
         return f"list of {type_name(args[0])}" if args else "list"

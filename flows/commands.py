@@ -152,7 +152,7 @@ def cmd_export(args) -> int:
     setup_logging()
     from tasks.machinery import gguf
     from tasks.machinery.modeling import is_adapter, materialize_adapter, resolve_model
-    from tasks.stage import materialize_input
+    from tasks.machinery.context import materialize_input
     from tasks.machinery.store import ArtifactStore
 
     tracking_uri = tracking_uri_of(args, home)

@@ -27,7 +27,8 @@ import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from flows.graph import graph_problems, instance_settings  # noqa: F401 - instance_settings is re-exported
-from tasks.kinds import StageKind, kinds
+from tasks.machinery.stagekind import StageKind
+from tasks.kinds import kinds
 from tasks.machinery.ray_engine import RaySettings
 from tasks.machinery.store import state_home
 from tasks.machinery.training import Section

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tasks.kinds import VALUE_TYPES, StageKind, get
+from tasks.machinery.stagekind import VALUE_TYPES, StageKind
+from tasks.kinds import get
 from tasks.machinery.modeling import is_model_reference
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ import yaml
 from flows.config import PipelineConfig
 from tasks.machinery import tracking
 from tasks.machinery.cachekeys import library_versions
-from tasks.stage import RunEnv
+from tasks.machinery.context import RunEnv
 from tasks.machinery.store import state_home
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent

@@ -18,8 +18,9 @@ from prefect import flow, get_run_logger
 from flows.config import PipelineConfig, load_config, validate_recipe
 from flows.graph import Node, build_nodes, downstream_of, node_names, with_upstream
 from flows.lineage import close_pipeline_run, open_pipeline_run, recipe_tags
-from tasks.kinds import MODEL_OUTPUTS
-from tasks.stage import cache_key_for, record_cached_stage, stage_task, store_area
+from tasks.machinery.stagekind import MODEL_OUTPUTS
+from tasks.machinery.context import store_area
+from tasks.stage import cache_key_for, record_cached_stage, stage_task
 from tasks.machinery.store import ArtifactStore, Ref
 
 

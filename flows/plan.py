@@ -14,7 +14,8 @@ from pathlib import Path
 from flows.config import PipelineConfig
 from flows.graph import build_nodes, node_names, with_upstream
 from flows.pipeline import node_inputs, selection, stage_parameters
-from tasks.stage import cache_key_for, store_area
+from tasks.machinery.context import store_area
+from tasks.stage import cache_key_for
 from tasks.machinery.store import ArtifactStore
 
 

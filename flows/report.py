@@ -52,7 +52,8 @@ def _origin_run(client, run_id: str):
 
 
 def training_curves(tracking_uri: str, stages: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    from tasks.kinds import MODEL_OUTPUTS, kinds
+    from tasks.machinery.stagekind import MODEL_OUTPUTS
+    from tasks.kinds import kinds
 
     client = tracking.client(tracking_uri)
     curves = {}

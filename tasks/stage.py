@@ -22,8 +22,7 @@ from functools import lru_cache
 
 from tasks.machinery import tracking
 from tasks.machinery.cachekeys import stage_cache_key
-from tasks.machinery.context import (RunEnv, StageContext, is_transient, materialize_input,  # noqa: F401
-                                     store_area)
+from tasks.machinery.context import RunEnv, StageContext, is_transient, materialize_input, store_area
 from tasks.machinery.store import ArtifactStore, Ref
 
 logger = logging.getLogger("posttrain")

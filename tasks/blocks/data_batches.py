@@ -86,6 +86,17 @@ def compared_text(row: dict, roles: list[str]) -> str:
                      for m in row.get(field) or () if m["role"] in roles)
 
 
+def compared_words(row: dict, near: dict, text: str | None = None, text_words: list[str] | None = None
+                   ) -> list[str] | None:
+    """The words near-duplicate detection shingles for a row, or None when the row is too short to have a set
+    (`text_words`, the words of the row's whole `text`, are reused when the compared text is the same)."""
+    from tasks.blocks import dedup
+
+    compared = compared_text(row, near["compare"])
+    found = text_words if text_words is not None and compared == text else dedup.words(compared)
+    return found if len(found) >= max(near["min_words"], near["shingle"]) else None
+
+
 def process_batch(job: BatchJob) -> dict:
     """Normalize one batch, drop what teaches nothing, find the evaluation n-grams each row holds, hash the rows
     for the duplicate decisions (LSH bands of their shingle sets), and write the rows as a Parquet part.
@@ -137,9 +148,8 @@ def process_batch(job: BatchJob) -> dict:
         if job.kind == "eval":
             prompts.append(prompt_text(row))
         if near:
-            compared = compared_text(row, near["compare"])
-            compared = row_words if compared == text else dedup.words(compared)
-            if len(compared) >= max(near["min_words"], near["shingle"]):
+            compared = compared_words(row, near, text, row_words)
+            if compared is not None:
                 word_lists.append(compared)
                 long_rows.append(len(kept))
         row["task"], row["source"], row["row"] = job.src["tag"], job.source_index, number

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.blocks.data_batches import BOILERPLATE_MIN_ROWS, compared_text
+from tasks.blocks.data_batches import BOILERPLATE_MIN_ROWS, compared_words
 
 
 class NearDuplicates:
@@ -45,7 +45,7 @@ class NearDuplicates:
         self._find_boilerplate()
         duplicate = np.zeros(len(keep), dtype=bool)
         if len(self.boilerplate):  # the sets change: bands again, in the worker processes, part by part
-            starts = np.cumsum([0] + [length for _, length in self.gathered.parts])
+            starts = self._part_starts()
             jobs = (_SetsJob(path, np.flatnonzero(keep[start: start + length]), self.boilerplate, self.near,
                              self.seed, bands=True) for (path, length), start in zip(self.gathered.parts, starts))
             eligible, band_rows = [], []
@@ -85,17 +85,23 @@ class NearDuplicates:
                 self.records.append((l, e, similarity))
         return duplicate
 
+    def _part_starts(self) -> np.ndarray:
+        """Where each part's rows start in reading order (and, last, the number of rows)."""
+        return np.cumsum([0] + [length for _, length in self.gathered.parts])
+
     def _proposed_sets(self, rows: np.ndarray) -> dict[int, np.ndarray]:
-        """The shingle sets of the proposed rows, recomputed from the stored rows part by part in the workers."""
-        starts = np.cumsum([0] + [length for _, length in self.gathered.parts])
-        wanted = [(path, start, rows[(rows >= start) & (rows < start + length)] - start)
-                  for (path, length), start in zip(self.gathered.parts, starts)]
-        wanted = [(path, start, mine) for path, start, mine in wanted if len(mine)]
-        jobs = (_SetsJob(path, mine, self.boilerplate, self.near, self.seed, bands=False) for path, _, mine in wanted)
+        """The shingle sets of the proposed rows (sorted), recomputed from the stored rows part by part in the
+        workers."""
+        starts = self._part_starts()
+        bounds = np.searchsorted(rows, starts)
+        wanted = [(part, rows[bounds[part]: bounds[part + 1]] - starts[part])
+                  for part in range(len(self.gathered.parts)) if bounds[part + 1] > bounds[part]]
+        jobs = (_SetsJob(self.gathered.parts[part][0], mine, self.boilerplate, self.near, self.seed, bands=False)
+                for part, mine in wanted)
         sets = {}
-        for (mine, flat, offsets, _), (_, start, _) in zip(self.pool.map(jobs, part_sets), wanted):
+        for (mine, flat, offsets, _), (part, _) in zip(self.pool.map(jobs, part_sets), wanted):
             for index, row in enumerate(mine.tolist()):
-                sets[row + start] = flat[offsets[index]: offsets[index + 1]]
+                sets[int(starts[part]) + row] = flat[offsets[index]: offsets[index + 1]]
         return sets
 
 
@@ -117,31 +123,29 @@ def part_sets(job: _SetsJob) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
 
     from tasks.blocks import dedup
 
-    near, empty = job.near, np.zeros(0, dtype=np.int64)
+    near = job.near
+    no_bands = np.zeros((0, near["bands"]), dtype=np.uint64) if job.bands else None
     stored = []
     if len(job.rows):
         parquet = pq.ParquetFile(job.path)
-        compared = [name for name in ("text", "prompt", "completion", "chosen", "rejected")
-                    if name in parquet.schema_arrow.names]
-        stored = parquet.read(columns=compared).take(job.rows).to_pylist()
+        columns = [name for name in ("text", "prompt", "completion", "chosen", "rejected")
+                   if name in parquet.schema_arrow.names]
+        stored = parquet.read(columns=columns).take(job.rows).to_pylist()
     word_lists, rows = [], []
     for row, record in zip(job.rows.tolist(), stored):
-        compared = dedup.words(compared_text(record, near["compare"]))
-        if len(compared) >= max(near["min_words"], near["shingle"]):
+        compared = compared_words(record, near)
+        if compared is not None:
             word_lists.append(compared)
             rows.append(row)
     if not word_lists:
-        return empty, np.zeros(0, dtype=np.uint64), np.zeros(1, dtype=np.int64), \
-            np.zeros((0, near["bands"]), dtype=np.uint64) if job.bands else None
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64), np.zeros(1, dtype=np.int64), no_bands
     flat, sizes = dedup.shingle_sets(word_lists, near["shingle"])
     if len(job.boilerplate):
         ordinary = ~np.isin(flat, job.boilerplate)
         flat = flat[ordinary]
         sizes = np.bincount(np.repeat(np.arange(len(sizes)), sizes)[ordinary], minlength=len(sizes))
-    rows = np.array(rows, dtype=np.int64)[sizes > 0]
-    sizes = sizes[sizes > 0]
-    bands = dedup.band_hashes(flat, sizes, near["num_perm"], near["bands"], near["rows"], job.seed) \
-        if job.bands and len(rows) else (np.zeros((0, near["bands"]), dtype=np.uint64) if job.bands else None)
+    rows, sizes = np.array(rows, dtype=np.int64)[sizes > 0], sizes[sizes > 0]
+    bands = no_bands
+    if job.bands and len(rows):
+        bands = dedup.band_hashes(flat, sizes, near["num_perm"], near["bands"], near["rows"], job.seed)
     return rows, flat, np.concatenate([[0], np.cumsum(sizes)]), bands
-
-

@@ -15,7 +15,7 @@ import importlib
 import pkgutil
 from functools import lru_cache
 
-from tasks.machinery.stagekind import MODEL_OUTPUTS, VALUE_TYPES, Slot, StageKind, ValueType, Work  # noqa: F401
+from tasks.machinery.stagekind import StageKind
 
 
 def kind_modules() -> tuple[str, ...]:

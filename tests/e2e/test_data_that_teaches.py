@@ -211,7 +211,7 @@ def test_an_elicitation_round_with_dpo_trains_the_policy_the_next_round_samples(
 
 def test_a_judge_answers_the_queries_through_its_endpoint(state_home, prepared, tmp_path):
     from tasks.kinds.elicit import ElicitConfig, build_rater, elicit_round, rater_sources
-    from tasks.stage import RunEnv, StageContext
+    from tasks.machinery.context import RunEnv, StageContext
 
     _, root = prepared
     server = OpenAIServer(tmp_path, "--rule", "shorter")

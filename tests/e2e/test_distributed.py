@@ -11,7 +11,7 @@ import pytest
 from flows.config import instance_settings
 from tasks.machinery.launch import run_training
 from tasks.kinds.sft import SFTStageConfig, _train
-from tasks.stage import RunEnv, StageContext
+from tasks.machinery.context import RunEnv, StageContext
 from tasks.machinery.store import ArtifactStore
 
 pytestmark = pytest.mark.e2e
@@ -84,7 +84,7 @@ def _fail_on_rank_one(cfg, inputs, out, ctx):
 @pytest.mark.parametrize("how", ["value", "network"])
 def test_a_failed_rank_is_named_and_classified(tmp_path, how):
     from tasks.machinery.launch import RankFailed
-    from tasks.stage import is_transient
+    from tasks.machinery.context import is_transient
 
     config = SFTStageConfig()
     config.training.processes = 2

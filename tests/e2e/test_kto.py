@@ -6,7 +6,7 @@ import pytest
 from tasks.kinds.prepare_data import DataConfig, DatasetSource, prepare_data
 from tasks.machinery.splits import load_split
 from tasks.kinds.kto import KTOStageConfig, _train, unpaired_rows
-from tasks.stage import StageContext
+from tasks.machinery.context import StageContext
 
 
 @pytest.fixture(scope="module")

@@ -128,7 +128,7 @@ def test_an_adapter_is_merged_for_its_consumer_and_cached(repertoire):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.stage import materialize_input
+    from tasks.machinery.context import materialize_input
 
     _, summary = repertoire
     stages = by_name(summary)

@@ -11,7 +11,7 @@ import pytest
 
 import tasks.kinds.sft as sft
 from flows.config import instance_settings
-from tasks.stage import RunEnv, StageContext
+from tasks.machinery.context import RunEnv, StageContext
 from tasks.machinery.store import ArtifactStore
 
 from .conftest import ROOT
@@ -24,7 +24,7 @@ import json, os, signal, sys
 from pathlib import Path
 from transformers import TrainerCallback
 import tasks.kinds.sft as sft
-from tasks.stage import RunEnv, StageContext
+from tasks.machinery.context import RunEnv, StageContext
 
 class KillAt(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tasks.kinds import online_dpo, spin
-from tasks.stage import StageContext
+from tasks.machinery.context import StageContext
 from tests.servers import OpenAIServer
 
 TRAINING = {"learning_rate": 5e-4, "max_steps": 3, "batch_size": 8, "max_length": 128, "logging_steps": 1}
@@ -54,7 +54,7 @@ def test_an_online_dpo_round_trains_on_pairs_an_endpoint_judged(prepared, tmp_pa
             training=TRAINING)
         inputs = {"data": root / "data", "policy": root / "base", **online_dpo.judge_sources(cfg, registry)}
         assert set(inputs) == {"data", "policy", "judge.prompt.compare"}
-        from tasks.stage import RunEnv
+        from tasks.machinery.context import RunEnv
 
         env = RunEnv(storage_root=str(tmp_path / "store"), tracking_uri=registry, experiment_id="0", parent_run_id="")
         ctx = StageContext(seed=0, env=env, run_id=None, stage="online_dpo.round1")

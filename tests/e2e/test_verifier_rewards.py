@@ -6,7 +6,7 @@ import pytest
 from flows.config import ConfigError, validate_recipe
 from tasks.kinds import rlhf, rloo
 from tasks.blocks.online_rl import reward_sources
-from tasks.stage import StageContext
+from tasks.machinery.context import StageContext
 from tasks.machinery.synthetic import arithmetic_reward
 
 VERIFIER = {"function": "tasks.machinery.synthetic:arithmetic_reward", "weight": 1.0}

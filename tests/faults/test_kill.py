@@ -10,7 +10,7 @@ import signal
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tasks.stage import store_area
+from tasks.machinery.context import store_area
 from tasks.machinery.store import MANIFEST, ArtifactStore, Ref
 
 from .conftest import STAGES, Pipeline, digests, statuses

@@ -168,7 +168,7 @@ def test_worker_failures_are_classified_as_the_stage_retry_expects():
     from ray.train import WorkerGroupError
 
     from tasks.machinery.ray_engine import RayStageFailed, TransientRayFailure, _failure
-    from tasks.stage import is_transient
+    from tasks.machinery.context import is_transient
 
     bad_data = _failure(WorkerGroupError("rank 1 failed", {1: ValueError("no sft/train split")}), is_transient)
     assert type(bad_data) is RayStageFailed and not is_transient(bad_data)

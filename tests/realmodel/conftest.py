@@ -37,7 +37,7 @@ def real_home(tmp_path_factory):
 def smollm2_folder(smollm2_gguf, real_home) -> Path:
     """The GGUF file as the plain folder every stage reads, converted into the tier's artifact store."""
     from tasks.machinery.modeling import resolve_model
-    from tasks.stage import materialize_input
+    from tasks.machinery.context import materialize_input
     from tasks.machinery.store import ArtifactStore
 
     return materialize_input(ArtifactStore(str(real_home / "artifacts")), resolve_model(str(smollm2_gguf)))

@@ -27,7 +27,10 @@ def test_every_kind_page_lists_every_setting_with_its_description():
         page = gen.kind_page(kind)
         assert page.startswith(f"# {name}\n") and kind.description in page
         for field_name, field in kind.config.model_fields.items():
-            assert f"| `{field_name}` |" in page, (name, field_name)
+            settings = page.split("\n## Settings\n", 1)[1]
+            row = next((line for line in settings.splitlines() if line.startswith(f"| `{field_name}` |")), None)
+            assert row is not None, (name, field_name)
+            assert " ".join(field.description.split()).replace("|", "\\|") in row, (name, field_name)
         for slot in kind.inputs:
             assert f"| `{slot}` |" in page, (name, slot)
     assert "| `training.learning_rate` |" in gen.kind_page(kinds()["sft"]), "nested sections are listed"

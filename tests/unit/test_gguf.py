@@ -10,7 +10,8 @@ import torch
 
 from tasks.machinery import gguf
 from tasks.machinery.modeling import is_model_reference, resolve_model
-from tasks.stage import input_tags, materialize_input
+from tasks.machinery.context import materialize_input
+from tasks.stage import input_tags
 from tasks.machinery.store import ArtifactStore
 
 

@@ -8,7 +8,8 @@ import yaml
 
 from flows.config import ConfigError, PipelineConfig, load_config, validate_recipe
 from flows.graph import build_nodes, downstream_of, node_names
-from tasks.kinds import VALUE_TYPES, kind_modules, kinds
+from tasks.machinery.stagekind import VALUE_TYPES
+from tasks.kinds import kind_modules, kinds
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = {"kind": "prepare_data", "sft": {"source": "a.jsonl"}, "preference": {"source": "b.jsonl"},

@@ -42,8 +42,7 @@ def test_rooms_import_in_one_direction():
     only the stage task and flows/ look kinds up."""
     for room, allowed in ROOMS.items():
         for path in sorted((ROOT / "tasks" / room).glob("*.py")):
-            imported = {m.split(".")[1] if m.count(".") >= 1 else "" for m in _runtime_imports(path)
-                        if m.startswith("tasks.")} - {"MOVED_MODULES"}
+            imported = {m.split(".")[1] for m in _runtime_imports(path) if m.startswith("tasks.")} - {"MOVED_MODULES"}
             may = {"machinery"} if path.name == "__init__.py" else allowed
             wrong = sorted(imported - may)
             assert not wrong, f"{path.relative_to(ROOT)} ({room}) imports tasks.{wrong}: it may import {sorted(may)}"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tasks.stage import is_transient
+from tasks.machinery.context import is_transient
 
 
 @pytest.mark.parametrize("exc, transient", [

@@ -161,7 +161,7 @@ def test_names_cannot_climb_out_of_the_root(tmp_path, name):
 
 def test_a_model_named_by_its_path_inside_the_store_is_read_where_it_is(tmp_path):
     from tasks.machinery.modeling import resolve_model
-    from tasks.stage import materialize_input
+    from tasks.machinery.context import materialize_input
 
     store = ArtifactStore(str(tmp_path / "store"))
     with store.write("sft", "sft-abc") as pending:
