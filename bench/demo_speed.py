@@ -4,7 +4,7 @@
 
 1. `posttrain run` (configs/demo.yaml, DPO) --runs times, each in a fresh state folder: wall time of
    the whole command and each stage's seconds; medians reported.
-2. `posttrain run --set align.method=rlhf` once on the first state folder (only align + evaluate run).
+2. `posttrain run --config configs/demo-rlhf.yaml` once on the first state folder (only align, evaluate and promote run).
 3. `trl sft` and `trl dpo` --trl-runs times on the prepared data, base model and SFT model of run 1,
    with the recipe's hyperparameters. The overhead ratio is our stage's seconds over TRL's process wall
    time; and, stricter, over TRL's wall time less its start-up (`trl sft --help`: interpreter and
@@ -30,8 +30,8 @@ from flows.config import load_config  # noqa: E402
 from common import ENV, posttrain_run, stop_server, timed  # noqa: E402
 
 
-def posttrain(home: Path, *overrides: str) -> tuple[float, dict]:
-    return posttrain_run(home, f"summary-{len(list(home.glob('summary-*.json')))}", *overrides)
+def posttrain(home: Path, config: str | None = None) -> tuple[float, dict]:
+    return posttrain_run(home, f"summary-{len(list(home.glob('summary-*.json')))}", config=config)
 
 
 def attempt_dir(summary: dict, stage: str) -> str:
@@ -70,10 +70,10 @@ def main() -> None:
         for s in summary["stages"]:
             stage_seconds.setdefault(s["name"], []).append(s["seconds"])
         print(f"run {i + 1}: {wall:.1f} s end to end", flush=True)
-    rlhf_wall, rlhf = posttrain(work / "run-0", "align.method=rlhf")
+    rlhf_wall, rlhf = posttrain(work / "run-0", "configs/demo-rlhf.yaml")
     for i in range(args.runs):
         stop_server(work / f"run-{i}")
-    print(f"rlhf variant (align + evaluate rerun): {rlhf_wall:.1f} s", flush=True)
+    print(f"rlhf variant (align, evaluate and promote rerun): {rlhf_wall:.1f} s", flush=True)
 
     first = summaries[0]
     data, base, sft = attempt_dir(first, "prepare_data"), attempt_dir(first, "pretrain"), attempt_dir(first, "sft")

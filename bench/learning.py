@@ -3,7 +3,7 @@
     python bench/learning.py [--seeds 0 1 2] [--threads 1] [--parallel 2] [--json bench/results/learning.json]
 
 For each seed: `posttrain run --set seed=N` (the demo with DPO), then the same with
-`align.method=rlhf` in the same state folder (data, base model, SFT and reward model come from cache).
+`configs/demo-rlhf.yaml` in the same state folder (data, base model, SFT and reward model come from cache).
 Prints, per seed and as mean and min over seeds: base, SFT, reward-model pairwise accuracy, DPO and
 RLHF task accuracy on the held-out prompts, and the margins the project holds itself to:
 
@@ -42,7 +42,7 @@ def one_seed(work: Path, seed: int, threads: int) -> dict:
     env = {"OMP_NUM_THREADS": str(threads)}
     try:
         dpo = posttrain_run(home, "dpo", f"seed={seed}", env=env)[1]["metrics"]
-        rlhf = posttrain_run(home, "rlhf", f"seed={seed}", "align.method=rlhf", env=env)[1]["metrics"]
+        rlhf = posttrain_run(home, "rlhf", f"seed={seed}", env=env, config="configs/demo-rlhf.yaml")[1]["metrics"]
     finally:
         stop_server(home)
     row = {"seed": seed, "threads": threads, "base": dpo["eval/base/task_accuracy"], "sft": dpo["eval/sft/task_accuracy"],

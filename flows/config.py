@@ -8,6 +8,8 @@ settings and its inputs by name; together they form the graph the flow runs.
 
 An input names another instance (its output) or an external model: a Hub id (org/name, optionally
 @revision), a local folder, an fsspec URI (s3://...) or an MLflow registry model (models:/name@alias).
+`extends: other.yaml` reads another recipe first and lays this one over it (`merge_recipes`): the demo with
+RLHF (configs/demo-rlhf.yaml) is the demo with one instance replaced.
 A recipe without `stages` is the classic chain (sections data, pretrain, sft, reward, align, evaluate, and
 `promote: {enabled: true}` for a promote stage behind the gate),
 expanded into the same graph (`expand_chain`): the recipes of earlier versions keep working.
@@ -283,17 +285,70 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> PipelineConfig:
-    """Read a YAML recipe (default configs/demo.yaml), apply dotted overrides, validate."""
+    """Read a YAML recipe (default configs/demo.yaml) and the recipes it extends, apply dotted overrides,
+    validate."""
     path = recipe_path(path) if path else DEFAULT_RECIPE
+    return validate_recipe(read_recipe(path), overrides, str(path))
+
+
+def read_recipe(path: Path, extended_by: tuple[Path, ...] = ()) -> dict:
+    """A recipe file's tree, with `extends: other.yaml` resolved: the other recipe (a path relative to this
+    file, or to the project) is read first and this file's tree laid over it (`merge_recipes`)."""
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
-        raise ConfigError(f"{path}: recipe not found") from None
+        where = f" (extended by {extended_by[-1]})" if extended_by else ""
+        raise ConfigError(f"{path}: recipe not found{where}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the recipe must be a mapping of sections")
-    return validate_recipe(tree, overrides, str(path))
+    parent = tree.pop("extends", None)
+    if parent is None:
+        return tree
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"{path}: extends: expected the path of one recipe, got {parent!r}")
+    parent_path = path.parent / parent
+    parent_path = (parent_path if parent_path.exists() else recipe_path(parent)).resolve()
+    chain = (*extended_by, path.resolve())
+    if parent_path in chain:
+        raise ConfigError(f"{path}: extends {parent}, which extends it again: "
+                          + " -> ".join(str(p) for p in (*chain, parent_path)))
+    return merge_recipes(read_recipe(parent_path, chain), tree, str(path))
+
+
+def merge_recipes(base: dict, over: dict, origin: str) -> dict:
+    """`over` laid over `base`: sections merge key by key, values and lists replace. Under `stages` an
+    instance of another kind replaces the base's instance whole (its settings belong to the old kind), and
+    an instance set to null is dropped."""
+    merged = dict(base)
+    for key, value in over.items():
+        if key == "stages" and isinstance(value, dict) and isinstance(base.get("stages"), dict):
+            stages = dict(base["stages"])
+            for name, instance in value.items():
+                old = stages.get(name)
+                if instance is None:
+                    if name not in stages:
+                        raise ConfigError(f"{origin}: stages.{name}: null drops a stage of the extended recipe, "
+                                          f"which has none of that name (stages: {', '.join(stages)})")
+                    del stages[name]
+                elif isinstance(old, dict) and isinstance(instance, dict) and instance.get("kind", old.get("kind")) \
+                        == old.get("kind"):
+                    stages[name] = _merged(old, instance)
+                else:
+                    stages[name] = instance
+            merged["stages"] = stages
+        else:
+            merged[key] = _merged(base[key], value) if isinstance(base.get(key), dict) and isinstance(value, dict) \
+                else value
+    return merged
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(base[key], value) if isinstance(base.get(key), dict) and isinstance(value, dict) else value
+    return out
 
 
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:
@@ -304,10 +359,35 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     for item in overrides:
         key, value = parse_override(item)
         first = key.split(".")[0]
-        if isinstance(tree.get("stages"), dict) and first in tree["stages"] and first not in PipelineConfig.model_fields:
-            key = f"stages.{key}"  # --set sft.training.epochs=2 in a graph recipe
+        stages = tree.get("stages")
+        if isinstance(stages, dict):
+            hint = _chain_form_hint(key, stages)
+            if hint:
+                raise ConfigError(f"--set {key}: {hint}")
+            if first in stages and first not in PipelineConfig.model_fields:
+                key = f"stages.{key}"  # --set sft.training.epochs=2 in a graph recipe
         _set_dotted(tree, key, value)
     return tree
+
+
+def _chain_form_hint(key: str, stages: dict) -> str | None:
+    """What a chain-form override (the demo's form before it became a graph) is called in a graph recipe."""
+    parts = key.split(".")
+    if parts[0] == "data" and "data" not in stages and "prepare_data" in stages:
+        return f"this recipe's data stage is named prepare_data: --set prepare_data.{'.'.join(parts[1:])}"
+    instance = stages.get(parts[0])
+    kind = instance.get("kind") if isinstance(instance, dict) else None
+    if kind not in INSTANCE_MODELS or len(parts) < 2 or parts[1] in INSTANCE_MODELS[kind].model_fields:
+        return None
+    if parts[1] == kind and len(parts) > 2:
+        return f"a graph instance's settings are its own: --set {parts[0]}.{'.'.join(parts[2:])}"
+    if parts[1] in ("dpo", "rlhf") or parts[1:] == ["method"]:
+        return f"stage {parts[0]} is of kind {kind}; another method is another kind of instance, e.g. " \
+               "--config configs/demo-rlhf.yaml (the demo with RLHF), or a recipe that extends this one"
+    if parts[1:] == ["enabled"]:
+        return f"a graph recipe runs the stages it names; to leave {parts[0]} out, write a recipe that extends " \
+               f"this one with `stages: {{{parts[0]}: null}}`"
+    return None
 
 
 def validate_recipe(tree: dict, overrides: list[str] = (), origin: str = "recipe") -> PipelineConfig:

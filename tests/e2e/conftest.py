@@ -9,6 +9,14 @@ from tests.conftest import posttrain_home
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def tiny_settings(stage: str) -> dict:
+    """configs/tiny.yaml's settings of one stage, without its kind and inputs: the tiny size for test recipes."""
+    import yaml
+
+    instance = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["stages"][stage]
+    return {k: v for k, v in instance.items() if k not in ("kind", "inputs")}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server(prefect_harness):
     yield

@@ -12,23 +12,20 @@ from mlflow.tracking import MlflowClient
 from tasks.machinery.synthetic import arithmetic_reward
 from tests.servers import OpenAIServer
 
-from .conftest import ROOT, run_cli
+from .conftest import run_cli, tiny_settings
 
 pytestmark = pytest.mark.e2e
 
-TINY = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-
-
 def elicit_recipe(tmp_path, base, rounds: int) -> str:
     stages = {
-        "data": {"kind": "prepare_data", **TINY["data"]},
+        "data": {"kind": "prepare_data", **tiny_settings("prepare_data")},
         "elicit": {"kind": "elicit", "rounds": rounds, "inputs": {"data": "data", "policy": str(base)},
                    "prompts_per_round": 8, "candidates": 4, "max_completion_length": 4, "eval_prompts": 16,
                    "eval_pairs": 64, "ensemble": {"heads": 4, "steps": 50},
                    # the tiny base gets no sum right: a ground truth its replies differ on (the longer wins)
                    "rater": {"kind": "simulated", "label_noise": 0.0,
                              "truth": "tests.e2e.test_data_that_teaches:long_reply"}},
-        "dpo": {"kind": "dpo", "inputs": {"data": "elicit", "policy": str(base)}, **TINY["align"]["dpo"]},
+        "dpo": {"kind": "dpo", "inputs": {"data": "elicit", "policy": str(base)}, **tiny_settings("align")},
     }
     path = tmp_path / f"elicit-{rounds}.yaml"
     path.write_text(yaml.safe_dump({"name": "elicit-test", "seed": 0, "stages": stages}, sort_keys=False))

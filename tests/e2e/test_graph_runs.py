@@ -10,25 +10,24 @@ from mlflow.tracking import MlflowClient
 
 from tests.servers import task_run_states
 
-from .conftest import ROOT, run_cli
+from .conftest import run_cli, tiny_settings
 
 pytestmark = pytest.mark.e2e
 
-TINY = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-DPO = TINY["align"]["dpo"]
+DPO = tiny_settings("align")
 DPO_TRAINING = DPO["training"]
 
 
 def graph_recipe(tmp_path, name="graph", rounds=1) -> str:
-    """The tiny chain as a graph with two DPO branches (one of them looping) and one evaluation."""
+    """The tiny recipe with two DPO branches (one of them looping) and one evaluation."""
     stages = {
-        "data": {"kind": "prepare_data", **TINY["data"]},
-        "base": {"kind": "pretrain", **{k: v for k, v in TINY["pretrain"].items() if k != "enabled"}},
-        "sft": {"kind": "sft", "inputs": {"data": "data", "base": "base"}, **TINY["sft"]},
-        "reward": {"kind": "reward", "inputs": {"data": "data", "init": "sft"}, **TINY["reward"]},
+        "data": {"kind": "prepare_data", **tiny_settings("prepare_data")},
+        "base": {"kind": "pretrain", **tiny_settings("pretrain")},
+        "sft": {"kind": "sft", "inputs": {"data": "data", "base": "base"}, **tiny_settings("sft")},
+        "reward": {"kind": "reward", "inputs": {"data": "data", "init": "sft"}, **tiny_settings("reward")},
         "dpo_a": {"kind": "dpo", "inputs": {"data": "data", "policy": "sft"}, **DPO, "beta": 0.1},
         "dpo_b": {"kind": "dpo", "inputs": {"data": "data", "policy": "sft"}, **DPO, "beta": 0.5, "rounds": rounds},
-        "evaluate": {"kind": "evaluate", **TINY["evaluate"],
+        "evaluate": {"kind": "evaluate", **tiny_settings("evaluate"),
                      "inputs": {"data": "data", "reward": "reward", "base": "base", "sft": "sft",
                                 "dpo_a": "dpo_a", "dpo_b": "dpo_b"}},
     }
@@ -174,9 +173,9 @@ def test_dpo_from_an_existing_model_folder_and_from_a_registry_alias(branches, s
 def test_stages_compose_in_a_python_flow(state_home):
     from flows.example_flow import beta_sweep
 
-    tiny = dict(base_settings={k: v for k, v in TINY["pretrain"].items() if k != "enabled"},
-                sft_training=TINY["sft"]["training"], reward_training=TINY["reward"]["training"],
-                dpo_training=DPO_TRAINING, evaluate_settings=TINY["evaluate"])
+    tiny = dict(base_settings=tiny_settings("pretrain"),
+                sft_training=tiny_settings("sft")["training"], reward_training=tiny_settings("reward")["training"],
+                dpo_training=DPO_TRAINING, evaluate_settings=tiny_settings("evaluate"))
     first = beta_sweep(betas=[0.1, 0.3], **tiny)
     assert set(first["win_rates"]) == {0.1, 0.3} and first["best_beta"] in (0.1, 0.3)
     again = beta_sweep(betas=[0.1, 0.3, 0.6], **tiny)

@@ -20,7 +20,7 @@ def demo(request, state_home):
     seed = request.param
     code, dpo = run_cli(state_home, f"seed={seed}", config="configs/demo.yaml")
     assert code == 0
-    code, rlhf = run_cli(state_home, f"seed={seed}", "align.method=rlhf", config="configs/demo.yaml")
+    code, rlhf = run_cli(state_home, f"seed={seed}", config="configs/demo-rlhf.yaml")
     assert code == 0
     statuses = {s["name"]: s["status"] for s in rlhf["stages"]}
     assert statuses["sft"] == statuses["reward"] == "cached"

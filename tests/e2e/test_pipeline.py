@@ -21,7 +21,7 @@ def data(state_home):
 
 
 def _data_overrides(data):
-    return [f"data.{part}.source={path}" for part, path in data.items()] + [HARNESS, "evaluate.figures=true"]
+    return [f"prepare_data.{part}.source={path}" for part, path in data.items()] + [HARNESS, "evaluate.figures=true"]
 
 
 # the evaluation also runs the repository's custom lm-evaluation-harness task (offline) on every model
@@ -218,7 +218,7 @@ def test_changing_one_data_row_reruns_from_prepare_data(first, state_home, data)
 def test_bad_data_fails_the_stage_in_mlflow_with_the_row(state_home, data, tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "1 + 1", "completion": "2"}\n{"prompt": "2 + 2"}\n')
-    overrides = [o for o in _data_overrides(data) if not o.startswith("data.sft.")] + [f"data.sft.source={broken}"]
+    overrides = [o for o in _data_overrides(data) if not o.startswith("prepare_data.sft.")] + [f"prepare_data.sft.source={broken}"]
     code, summary = run_cli(state_home, *overrides)
     assert code == 1
     failed = summary["stages"][-1]
@@ -234,8 +234,8 @@ def test_bad_data_fails_the_stage_in_mlflow_with_the_row(state_home, data, tmp_p
 
 
 def test_missing_data_file_fails_before_any_compute(state_home, data, tmp_path, capsys):
-    overrides = [o for o in _data_overrides(data) if not o.startswith("data.sft.")]
-    code, summary = run_cli(state_home, *overrides, f"data.sft.source={tmp_path / 'gone.jsonl'}")
+    overrides = [o for o in _data_overrides(data) if not o.startswith("prepare_data.sft.")]
+    code, summary = run_cli(state_home, *overrides, f"prepare_data.sft.source={tmp_path / 'gone.jsonl'}")
     assert code == 2 and summary == {}, "the pre-flight check stops the run; no stage starts"
     err = capsys.readouterr().err
     assert f"stages.prepare_data.sft.0: {tmp_path / 'gone.jsonl'}: file not found" in err
@@ -344,7 +344,7 @@ def test_the_mlflow_ui_story(first):
     names = [r.info.run_name for r in pipelines]
     assert len(names) == len(set(names)), names
     parent = client.get_run(summary["mlflow_run_id"])
-    assert parent.info.run_name.startswith("tiny · ") and "data.sft.source=" in parent.info.run_name
+    assert parent.info.run_name.startswith("tiny · ") and "prepare_data.sft.source=" in parent.info.run_name
     note = parent.data.tags["mlflow.note.content"]
     assert note.startswith("**task_accuracy**: ") and all(f"| {m} | " in note for m in MODELS)
     table = json.loads(open(client.download_artifacts(parent.info.run_id, "comparison_table.json")).read())

@@ -9,20 +9,17 @@ from mlflow.tracking import MlflowClient
 
 from tasks.kinds.promote import GateSettings, gate_decision
 
-from .conftest import ROOT, run_cli
+from .conftest import run_cli, tiny_settings
 
 pytestmark = pytest.mark.e2e
 
-TINY = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-
-
 def recipe(folder, gate: dict | None = None, name="gated") -> str:
     stages = {
-        "data": {"kind": "prepare_data", **TINY["data"]},
-        "base": {"kind": "pretrain", **{k: v for k, v in TINY["pretrain"].items() if k != "enabled"}},
-        "sft": {"kind": "sft", "inputs": {"data": "data", "base": "base"}, **TINY["sft"]},
-        "dpo": {"kind": "dpo", "inputs": {"data": "data", "policy": "sft"}, **TINY["align"]["dpo"]},
-        "evaluate": {"kind": "evaluate", **TINY["evaluate"], "inputs": {"data": "data", "sft": "sft", "policy": "dpo"}},
+        "data": {"kind": "prepare_data", **tiny_settings("prepare_data")},
+        "base": {"kind": "pretrain", **tiny_settings("pretrain")},
+        "sft": {"kind": "sft", "inputs": {"data": "data", "base": "base"}, **tiny_settings("sft")},
+        "dpo": {"kind": "dpo", "inputs": {"data": "data", "policy": "sft"}, **tiny_settings("align")},
+        "evaluate": {"kind": "evaluate", **tiny_settings("evaluate"), "inputs": {"data": "data", "sft": "sft", "policy": "dpo"}},
         "promote": {"kind": "promote", "inputs": {"policy": "dpo", "report": "evaluate", "data": "data"},
                     **({"gate": gate} if gate else {})},
     }

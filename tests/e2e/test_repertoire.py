@@ -10,11 +10,10 @@ import yaml
 
 from tests.servers import OpenAIServer
 
-from .conftest import ROOT, run_cli
+from .conftest import run_cli, tiny_settings
 
 pytestmark = pytest.mark.e2e
 
-TINY = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
 LORA = {"enabled": True, "r": 4, "alpha": 8}
 STEPS = {"max_steps": 4, "batch_size": 8, "logging_steps": 2, "max_length": 128, "learning_rate": 5e-4}
 ROLLOUTS = {"num_generations": 4, "max_completion_length": 4}
@@ -26,12 +25,12 @@ def repertoire_recipe(folder: Path, judge_url: str, judge_prompt: str | None = N
     if judge_prompt:
         judge["prompt"] = judge_prompt
     stages = {
-        "data": {"kind": "prepare_data", **TINY["data"]},
-        "base": {"kind": "pretrain", **{k: v for k, v in TINY["pretrain"].items() if k != "enabled"}},
+        "data": {"kind": "prepare_data", **tiny_settings("prepare_data")},
+        "base": {"kind": "pretrain", **tiny_settings("pretrain")},
         "sft": {"kind": "sft", "inputs": {"data": "data", "base": "base"},
-                "training": {**TINY["sft"]["training"], "lora": {**LORA, "variant": "dora"}}},
+                "training": {**tiny_settings("sft")["training"], "lora": {**LORA, "variant": "dora"}}},
         "reward": {"kind": "reward", "inputs": {"data": "data", "init": "sft"},
-                   "training": {**TINY["reward"]["training"], "lora": LORA}},
+                   "training": {**tiny_settings("reward")["training"], "lora": LORA}},
         "dpo": {"kind": "dpo", "inputs": {"data": "data", "policy": "sft"}, "loss_type": ["sigmoid"], "training": lora},
         "kto": {"kind": "kto", "inputs": {"data": "data", "policy": "sft"}, "data_kind": "preference",
                 "training": lora},
@@ -44,7 +43,7 @@ def repertoire_recipe(folder: Path, judge_url: str, judge_prompt: str | None = N
                   "loss_type": ["sigmoid"], "training": lora},
         "spin": {"kind": "spin", "rounds": 2, "inputs": {"data": "data", "policy": "sft"}, "max_completion_length": 4,
                  "prompts_per_round": 24, "loss_type": ["sigmoid"], "training": lora},
-        "evaluate": {"kind": "evaluate", **TINY["evaluate"],
+        "evaluate": {"kind": "evaluate", **tiny_settings("evaluate"),
                      "inputs": {"data": "data", "reward": "reward", "sft": "sft", "dpo": "dpo", "kto": "kto",
                                 "rlhf": "rlhf", "rloo": "rloo", "rlaif": "rlaif", "spin": "spin"}},
     }

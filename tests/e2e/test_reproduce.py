@@ -21,7 +21,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def original(state_home):
     data = write_data(state_home / "data")
-    code, summary = run_cli(state_home, *[f"data.{p}.source={path}" for p, path in data.items()])
+    code, summary = run_cli(state_home, *[f"prepare_data.{p}.source={path}" for p, path in data.items()])
     assert code == 0
     return data, summary
 

@@ -13,7 +13,7 @@ FAST_RETRY = ["orchestration.retries=2", "orchestration.retry_delay_seconds=[0.1
 
 @pytest.fixture(scope="module")
 def data_overrides(state_home):
-    return [f"data.{p}.source={path}" for p, path in write_data(state_home / "data").items()]
+    return [f"prepare_data.{p}.source={path}" for p, path in write_data(state_home / "data").items()]
 
 
 def _sft_runs(summary):

@@ -19,7 +19,7 @@ STAGES = tiny_stages()
 # Checkpoints every few steps so a killed training stage has something to resume from; quick retries.
 RECIPE = [
     "pretrain.training.checkpoint_steps=4", "sft.training.checkpoint_steps=4",
-    "reward.training.checkpoint_steps=4", "align.dpo.training.checkpoint_steps=2",
+    "reward.training.checkpoint_steps=4", "align.training.checkpoint_steps=2",
     "orchestration.retries=3", "orchestration.retry_delay_seconds=[1]",
 ]
 

@@ -24,7 +24,7 @@ from .conftest import ray_overrides
 
 pytestmark = pytest.mark.ray
 # checkpoints in both runs (they are part of the key), so the two runs' sft keys can be compared
-CHECKPOINTS = ["sft.training.checkpoint_steps=4", "align.dpo.training.checkpoint_steps=2"]
+CHECKPOINTS = ["sft.training.checkpoint_steps=4", "align.training.checkpoint_steps=2"]
 ON_RAY = ["orchestration.stage_engines={sft: ray, align: ray, evaluate: ray}",
           "orchestration.ray.stages={sft: {max_failures: 0}, align: {max_failures: 1}}",
           "orchestration.retry_delay_seconds=[1]"]

@@ -108,10 +108,16 @@ def test_external_model_forms_are_accepted_as_inputs(tmp_path):
         dpo={"kind": "dpo", "inputs": {"data": "org/data", "policy": "org/model"}}))
 
 
+OLD_DEMO = {"data": {"sft": {"source": "synthetic:arithmetic/sft"}, "preference": {"source": "synthetic:arithmetic/preference"},
+                     "eval": {"source": "synthetic:arithmetic/eval"}},
+            "pretrain": {"enabled": True, "corpus": "synthetic:arithmetic/corpus"},
+            "align": {"method": "dpo", "beta": 0.1, "dpo": {"loss_type": ["sigmoid", "sft"]}}}
+
+
 def test_overrides_reach_instances_by_name_and_chain_recipes_still_take_theirs():
     cfg = load_config(ROOT / "configs" / "dpo-betas.yaml", ["dpo_beta05.beta=0.7", "sft.training.epochs=1"])
     assert cfg.stages["dpo_beta05"].beta == 0.7 and cfg.stages["sft"].training.epochs == 1
-    chain = load_config(None, ["align.beta=0.3", "pretrain.enabled=false", "model.base=org/model"])
+    chain = validate_recipe({**OLD_DEMO, "model": {"base": "org/model"}}, ["align.beta=0.3", "pretrain.enabled=false"])
     assert "pretrain" not in chain.stages and chain.stages["sft"].inputs["base"] == "org/model"
     assert chain.stages["align"].beta == 0.3
 

@@ -1,9 +1,21 @@
 import socket
+from pathlib import Path
 
 import pytest
 
 from flows.config import load_config
 from flows.preflight import PreflightError, check_storage, check_tracking, preflight
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny_on(base: str, folder: Path) -> Path:
+    """configs/tiny.yaml with an existing model in place of the from-scratch one (a recipe that extends it)."""
+    recipe = folder / "tiny-on-a-model.yaml"
+    recipe.write_text(f"extends: {ROOT / 'configs' / 'tiny.yaml'}\n"
+                      f"stages:\n  pretrain: null\n  sft: {{inputs: {{base: {base}}}}}\n"
+                      f"  evaluate: {{inputs: {{base: {base}}}}}\n")
+    return recipe
 
 
 def _closed_port() -> int:
@@ -38,11 +50,11 @@ def test_unreachable_s3_endpoint_is_named(monkeypatch):
 
 
 def test_unknown_model_path_is_named(tmp_path):
-    cfg = load_config(None, ["pretrain.enabled=false", f"model.base={tmp_path / 'no-such-model'}"])
+    cfg = load_config(tiny_on(str(tmp_path / "no-such-model"), tmp_path))
     with pytest.raises(PreflightError, match=r"stages.sft.inputs.base: model .*no-such-model: no such folder"):
         preflight(cfg)
     (tmp_path / "folder").mkdir()
-    cfg = load_config(None, ["pretrain.enabled=false", f"model.base={tmp_path / 'folder'}"])
+    cfg = load_config(tiny_on(str(tmp_path / "folder"), tmp_path))
     with pytest.raises(PreflightError, match=r"stages.sft.inputs.base: model .*folder: no config.json"):
         preflight(cfg)
 
@@ -66,24 +78,24 @@ def test_a_misspelled_hub_id_fails_pre_flight_and_a_real_one_is_pinned(tmp_path)
         check = ("import json, sys; from flows.config import load_config; from flows.preflight import preflight, "
                  "PreflightError; from tasks.machinery.modeling import resolve_model; from tasks.machinery.fingerprints import "
                  "resolve_hub_revision\n"
-                 "cfg = load_config(None, sys.argv[1:])\n"
+                 "cfg = load_config(sys.argv[1], sys.argv[2:])\n"
                  "try:\n    preflight(cfg); print(json.dumps({'ok': True, 'model': resolve_model('org/real-model'), "
                  "'data': resolve_hub_revision('org/real-data', None, 'dataset')}))\n"
                  "except PreflightError as e:\n    print(json.dumps({'ok': False, 'error': str(e)}))\n")
 
         def preflight_of(*overrides):
-            out = subprocess.run([sys.executable, "-c", check, "pretrain.enabled=false", *overrides], env=env,
+            out = subprocess.run([sys.executable, "-c", check, str(tiny_on("org/real-model", tmp_path)), *overrides], env=env,
                                  capture_output=True, text=True, timeout=120)
             assert out.returncode == 0, out.stderr
             return json.loads(out.stdout.strip().splitlines()[-1])
 
         tracking = [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
-        wrong = preflight_of("model.base=org/reel-model", *tracking)
+        wrong = preflight_of("sft.inputs.base=org/reel-model", *tracking)
         assert not wrong["ok"] and "stages.sft.inputs.base: model org/reel-model: org/reel-model: no such model on the " \
                                    "Hugging Face Hub" in wrong["error"]
-        bad_data = preflight_of("model.base=org/real-model", "data.sft.source=hf:org/no-data", *tracking)
+        bad_data = preflight_of("prepare_data.sft.source=hf:org/no-data", *tracking)
         assert not bad_data["ok"] and "stages.prepare_data.sft.0: org/no-data: no such dataset" in bad_data["error"]
-        good = preflight_of("model.base=org/real-model", *tracking)
+        good = preflight_of(*tracking)
         assert good["ok"] and good["model"]["revision"] == commit and good["data"] == "b" * 40
         assert any(p.startswith("/api/models/org/reel-model") for p in hub.requests)
     finally:
