@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.blocks import dedup
 from tasks.blocks.shapes import EmptyReply, Identical, NothingTrained, normalize, prompt_text, row_text
-from tasks.machinery.splits import schema
+from tasks.machinery.splits import rows_table, schema
 
 logger = logging.getLogger("posttrain")
 
@@ -90,8 +91,6 @@ def compared_words(row: dict, near: dict, text: str | None = None, text_words: l
                    ) -> list[str] | None:
     """The words near-duplicate detection shingles for a row, or None when the row is too short to have a set
     (`text_words`, the words of the row's whole `text`, are reused when the compared text is the same)."""
-    from tasks.blocks import dedup
-
     compared = compared_text(row, near["compare"])
     found = text_words if text_words is not None and compared == text else dedup.words(compared)
     return found if len(found) >= max(near["min_words"], near["shingle"]) else None
@@ -102,10 +101,8 @@ def process_batch(job: BatchJob) -> dict:
     for the duplicate decisions (LSH bands of their shingle sets), and write the rows as a Parquet part.
     Returns counts, samples and per-row arrays."""
     import orjson
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasks.blocks import dedup
     from tasks.machinery.sources import parse_line, rename
 
     s, near = job.settings, job.settings["near"] if job.kind != "eval" else None
@@ -156,7 +153,7 @@ def process_batch(job: BatchJob) -> dict:
         kept.append(row)
         numbers.append(number)
     if kept:
-        pq.write_table(pa.Table.from_pylist(kept, schema=schema(job.kind)), job.part)
+        pq.write_table(rows_table(kept, schema(job.kind)), job.part)
     frequent = bands = None
     if near and kept:  # shingle sets (rows too short for near dedup have none); not stored: `part_sets`
         sizes = np.zeros(len(kept), dtype=np.int64)  # recomputes those of the few rows verification needs

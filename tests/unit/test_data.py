@@ -491,3 +491,27 @@ def test_synthetic_task_is_deterministic_and_eval_prompts_are_held_out():
         numbers = [int(t) for t in text.split()] if all(t.isdigit() for t in text.split()) else []
         is_count = bool(numbers) and numbers == list(range(numbers[0], numbers[0] + len(numbers)))
         assert text in questions or is_count, text
+
+
+def test_rows_are_written_to_arrow_as_from_pylist_writes_them():
+    """The data stage builds its Parquet parts column by column (rows_table); the table must be the one
+    pyarrow's from_pylist makes, tool calls, weights and missing values included."""
+    import pyarrow as pa
+
+    from tasks.machinery.splits import rows_table, schema
+
+    call = {"type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}
+    rows = [normalize("sft", {"messages": [{"role": "system", "content": "be brief"},
+                                           {"role": "user", "content": "2+2?"},
+                                           {"role": "assistant", "content": "", "tool_calls": [call]},
+                                           {"role": "tool", "content": "4", "tool_call_id": "c1", "name": "add"},
+                                           {"role": "assistant", "content": "4", "weight": 1}],
+                              "tools": [{"type": "function", "function": {"name": "add"}}]}, "row 1"),
+            normalize("sft", {"prompt": "hi", "completion": "hello"}, "row 2")]
+    for number, row in enumerate(rows):
+        row["task"], row["source"], row["row"] = "t", 0, number
+    rows.append({"prompt": None, "completion": [], "tools": None, "task": None, "source": None, "row": 9})
+    for kind_rows, kind in ((rows, "sft"), ([{"text": "a"}, {"text": None}], "text")):
+        expected = pa.Table.from_pylist(kind_rows, schema=schema(kind))
+        built = rows_table(kind_rows, schema(kind))
+        assert built.equals(expected) and built.to_pylist() == expected.to_pylist()
