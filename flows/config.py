@@ -321,27 +321,25 @@ def merge_recipes(base: dict, over: dict, origin: str) -> dict:
     """`over` laid over `base`: sections merge key by key, values and lists replace. Under `stages` an
     instance of another kind replaces the base's instance whole (its settings belong to the old kind), and
     an instance set to null is dropped."""
-    merged = dict(base)
-    for key, value in over.items():
-        if key == "stages" and isinstance(value, dict) and isinstance(base.get("stages"), dict):
-            stages = dict(base["stages"])
-            for name, instance in value.items():
-                old = stages.get(name)
-                if instance is None:
-                    if name not in stages:
-                        raise ConfigError(f"{origin}: stages.{name}: null drops a stage of the extended recipe, "
-                                          f"which has none of that name (stages: {', '.join(stages)})")
-                    del stages[name]
-                elif isinstance(old, dict) and isinstance(instance, dict) and instance.get("kind", old.get("kind")) \
-                        == old.get("kind"):
-                    stages[name] = _merged(old, instance)
-                else:
-                    stages[name] = instance
-            merged["stages"] = stages
+    merged = _merged(base, {key: value for key, value in over.items() if key != "stages"})
+    if "stages" not in over:
+        return merged
+    if not isinstance(over["stages"], dict) or not isinstance(base.get("stages"), dict):
+        return {**merged, "stages": over["stages"]}
+    stages = dict(base["stages"])
+    for name, instance in over["stages"].items():
+        old = stages.get(name)
+        if instance is None:
+            if name not in stages:
+                raise ConfigError(f"{origin}: stages.{name}: null drops a stage of the extended recipe, which has "
+                                  f"none of that name (stages: {', '.join(stages)})")
+            del stages[name]
+        elif isinstance(old, dict) and isinstance(instance, dict) and instance.get("kind", old.get("kind")) == \
+                old.get("kind"):
+            stages[name] = _merged(old, instance)
         else:
-            merged[key] = _merged(base[key], value) if isinstance(base.get(key), dict) and isinstance(value, dict) \
-                else value
-    return merged
+            stages[name] = instance
+    return {**merged, "stages": stages}
 
 
 def _merged(base: dict, over: dict) -> dict:
