@@ -98,8 +98,9 @@ def s3_env(moto_s3, monkeypatch):
 
 
 # The longest groups start first, so the two workers finish together (xdist hands out groups in order).
-_LONGEST_FIRST = ["realmodel/test_smollm2", "faults", "ray/test_ray_engine", "e2e/test_learning", "services/test_shared_services", "e2e/test_graph_runs",
-                  "e2e/test_concurrency"]
+_LONGEST_FIRST = ["realmodel/test_smollm2", "faults", "services/test_shared_services", "ray/test_ray_engine",
+                  "e2e/test_learning", "e2e/test_reproduce", "services/test_branches_on_pools", "e2e/test_repertoire",
+                  "e2e/test_graph_runs", "e2e/test_concurrency", "e2e/test_pipeline"]
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups

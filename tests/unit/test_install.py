@@ -1,8 +1,11 @@
 """The install the README gives is the one CI runs, and its constraints file pins a consistent set."""
 
 import importlib.metadata
+import os
 import re
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,3 +48,13 @@ def test_ci_runs_the_readme_test_command_verbatim_in_a_fresh_virtualenv():
     assert f"```bash\n{command}\n```" in (ROOT / "docs" / "tests.md").read_text()
     assert "python3 -m venv" in ci and 'source "$venv/bin/activate"' in ci
     assert "pip install torch==2.13.0 uv==0.13.9 && uv pip install --system-certs --compile-bytecode -c constraints.txt -e . && posttrain run" in readme
+
+
+def test_a_test_file_is_one_group_that_one_worker_runs(request):
+    """The suite runs each test file (the fault suite: its folder) on one xdist worker, so a module's or a
+    session's fixtures are built once, not on both workers. pytest 9.2 with pytest-xdist 3.8 silently dropped
+    the grouping (pytest-xdist#1386: the group suffix is written to a node-id field pytest no longer reads), which
+    doubled the longest fixtures' time; the suffix on this test's own id says the grouping is in force."""
+    if not os.environ.get("PYTEST_XDIST_WORKER") or not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("runs only on a pytest-xdist worker with --dist loadgroup (the suite's default)")
+    assert request.node.nodeid.endswith("@unit/test_install"), request.node.nodeid
