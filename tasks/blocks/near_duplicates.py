@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.blocks.data_batches import BOILERPLATE_MIN_ROWS, compared_words
+from tasks.blocks.data_batches import BOILERPLATE_MIN_ROWS, compared_words, without_cyclic_gc
 
 
 class NearDuplicates:
@@ -115,6 +115,7 @@ class _SetsJob:
     bands: bool  # also the LSH band hashes of the sets
 
 
+@without_cyclic_gc
 def part_sets(job: _SetsJob) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """(the given rows whose shingle set is not empty once the boilerplate is left out, their sets as flat values
     and offsets, their LSH band hashes when asked for). Recomputed from the stored rows: cheaper than writing

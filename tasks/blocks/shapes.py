@@ -68,9 +68,9 @@ def _text(record: dict, field: str, where: str, allow_empty: bool = False) -> st
     return value
 
 
-def _message(role: str, content: str, **extra) -> dict:
-    return {"role": role, "content": content, "tool_calls": extra.get("tool_calls"),
-            "tool_call_id": extra.get("tool_call_id"), "name": extra.get("name"), "weight": extra.get("weight")}
+def _message(role: str, content: str, tool_calls=None, tool_call_id=None, name=None, weight=None) -> dict:
+    return {"role": role, "content": content, "tool_calls": tool_calls, "tool_call_id": tool_call_id, "name": name,
+            "weight": weight}
 
 
 def _weight(value, where: str) -> int | None:
@@ -103,20 +103,23 @@ def messages(value, field: str, where: str) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: field '{field}' must be a non-empty list of messages")
     out = []
-    for i, m in enumerate(value):
-        at = f"{where}: {field}[{i}]"
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise DataError(f"{at} must be an object with string 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise DataError(f"{at} has unknown role {m['role']!r}")
-        calls = _tool_calls(m.get("tool_calls"), at)
+    for i, m in enumerate(value):  # the data stage's innermost loop: error locations are built only for errors
+        role = m.get("role") if isinstance(m, dict) else None
+        if not isinstance(role, str):
+            raise DataError(f"{where}: {field}[{i}] must be an object with string 'role' and 'content'")
+        if role not in ROLES:
+            raise DataError(f"{where}: {field}[{i}] has unknown role {role!r}")
+        calls = m.get("tool_calls")
+        if calls is not None:
+            calls = _tool_calls(calls, f"{where}: {field}[{i}]")
         content = m.get("content")
         if content is None and calls:
             content = ""
         if not isinstance(content, str):
-            raise DataError(f"{at} must be an object with string 'role' and 'content'")
-        out.append(_message(m["role"], content, tool_calls=calls, tool_call_id=m.get("tool_call_id"),
-                            name=m.get("name"), weight=_weight(m.get("weight"), at)))
+            raise DataError(f"{where}: {field}[{i}] must be an object with string 'role' and 'content'")
+        weight = m.get("weight")
+        out.append(_message(role, content, calls, m.get("tool_call_id"), m.get("name"),
+                            None if weight is None else _weight(weight, f"{where}: {field}[{i}]")))
     return out
 
 

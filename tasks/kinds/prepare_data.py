@@ -39,7 +39,8 @@ from pydantic import Field
 
 from tasks.machinery.stagekind import StageKind
 from tasks.blocks.data_batches import (BATCH_REASONS, BOILERPLATE_MIN_ROWS, REASONS, SAMPLES_PER_REASON,
-                                       TRAINING_KINDS, BatchJob, BatchPool, uniform, worker_count, row_text)
+                                       TRAINING_KINDS, BatchJob, BatchPool, uniform, worker_count, row_text,
+                                       write_splits)
 from tasks.blocks.near_duplicates import NearDuplicates
 from tasks.blocks.shapes import DataError, normalize, prompt_text
 from tasks.machinery.sources import DatasetSource
@@ -357,8 +358,8 @@ def _prepare_kind(kind, sources, results, cfg: DataConfig, out: Path, seed: int,
         raise DataError(f"{kind} ({', '.join(s.source for s in sources)}): {kept} of {totals['rows_read']} rows read "
                         f"kept ({kept / totals['rows_read']:.1%}), less than data.min_kept_fraction="
                         f"{cfg.min_kept_fraction} ({reasons})")
-    _write_splits(out / kind, gathered.parts, splits, cfg.shard_rows,
-                  schema(kind, tools=totals["tool_rows"] > 0, weights=totals["context_turn_rows"] > 0))
+    write_splits(out / kind, gathered.parts, splits, cfg.shard_rows,
+                 schema(kind, tools=totals["tool_rows"] > 0, weights=totals["context_turn_rows"] > 0), pool)
 
     shares: dict[str, float] = {}
     for index, s in enumerate(gathered.per_source):
@@ -424,50 +425,6 @@ def _log_kind(kind: str, reasons: str, counts: dict, first_rows: dict, removed: 
             shown = f"; e.g. row {example['row']} ({example['detail']}): {example['text'][:80]!r}" if example else ""
             logger.info("[prepare_data] %s: %s at rows %s%s", kind, reason.replace("_", " "),
                         ", ".join(map(str, rows)), shown)
-
-
-def _write_splits(folder: Path, parts: list[tuple[str, int]], splits: dict[str, np.ndarray], shard_rows: int,
-                  target) -> None:
-    """Second pass: each part's rows, repeated by their copy count, into the split's Parquet shards."""
-    import pyarrow.parquet as pq
-
-    folder.mkdir(parents=True, exist_ok=True)
-    writers = {split: _ShardWriter(folder, split, shard_rows) for split in splits}
-    start = 0
-    for path, length in parts:
-        table = pq.read_table(path).select(target.names).cast(target)
-        for split, copies in splits.items():
-            mine = copies[start: start + length]
-            if mine.any():
-                writers[split].write(table.take(np.repeat(np.arange(length), mine)))
-        start += length
-    for writer in writers.values():
-        writer.close()
-
-
-class _ShardWriter:
-    def __init__(self, folder: Path, split: str, shard_rows: int):
-        self.folder, self.split, self.shard_rows = folder, split, shard_rows
-        self.writer, self.rows, self.shard = None, 0, 0
-
-    def write(self, table) -> None:
-        import pyarrow.parquet as pq
-
-        while table.num_rows:
-            if self.writer is None:
-                path = self.folder / f"{self.split}-{self.shard:05d}.parquet"
-                self.writer = pq.ParquetWriter(path, table.schema)
-            room = self.shard_rows - self.rows
-            self.writer.write_table(table.slice(0, room))
-            self.rows += min(room, table.num_rows)
-            table = table.slice(room)
-            if self.rows >= self.shard_rows:
-                self.close()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer, self.rows, self.shard = None, 0, self.shard + 1
 
 
 # ---- reading prepared data -------------------------------------------------------------------

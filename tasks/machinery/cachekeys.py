@@ -16,7 +16,7 @@ from pathlib import Path
 from tasks.machinery.store import digest_json
 
 ML_LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "tokenizers", "accelerate", "pyarrow", "rensa",
-                "pyahocorasick")
+                "ahocorasick-rs")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROJECT_PACKAGES = ("tasks",)
 # Bookkeeping: they record, move or key results; they do not compute them.

@@ -374,7 +374,7 @@ def test_near_duplicates_are_removed_and_distinct_rows_kept(tmp_path):
 def test_near_dedup_threshold_and_library_version_are_in_the_cache_key():
     from tasks.machinery.cachekeys import library_versions, stage_cache_key
 
-    assert library_versions()["rensa"] != "absent" and "pyahocorasick" in library_versions()
+    assert library_versions()["rensa"] != "absent" and "ahocorasick-rs" in library_versions()
     a = DataConfig(sft=DatasetSource(source="a.jsonl")).model_dump(mode="json")
     b = DataConfig(sft=DatasetSource(source="a.jsonl"), near_dedup={"threshold": 0.9}).model_dump(mode="json")
     assert stage_cache_key("prepare_data", a, {}, 0) != stage_cache_key("prepare_data", b, {}, 0)
