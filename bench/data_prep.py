@@ -3,7 +3,9 @@ an evaluation prompt) read, normalized, exact- and near-deduplicated, decontamin
 
     python bench/data_prep.py [N ...] [--repeats R] [--workers W]     (default: 100000 300000 1000000)
 
-Prints one line per size and run: rows=N seconds=S rows_per_s=R peak_rss_mb=M, then the median per size.
+Prints one line per size and run: rows=N seconds=S rows_per_s=R cpu_seconds=C peak_rss_mb=M, then the median
+per size. CPU seconds (the stage's process and its workers, user + system, imports included) vary less than
+wall time on a shared machine.
 Peak RSS is the largest resident set of the stage's process plus its worker processes at one time (sampled
 every 50 ms), each run in a fresh process. The generated files are kept under $TMPDIR/posttrain-bench-data.
 """
@@ -66,7 +68,10 @@ out = Path(sys.argv[1])
 cfg = DataConfig(sft={{"source": {str(source)!r}}}, eval={{"source": {str(eval_source)!r}}}, workers={workers})
 started = time.perf_counter()
 stats = prepare_data(cfg, out, seed=0)
-print(json.dumps({{"seconds": time.perf_counter() - started, "stats": stats}}))
+seconds = time.perf_counter() - started
+cpu = sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                             resource.getrusage(resource.RUSAGE_CHILDREN)))
+print(json.dumps({{"seconds": seconds, "cpu_seconds": cpu, "stats": stats}}))
 """
     with tempfile.TemporaryDirectory() as out:
         proc = subprocess.Popen([sys.executable, "-c", code, out], stdout=subprocess.PIPE, text=True,
@@ -116,12 +121,14 @@ def main() -> None:
             s = r["stats"]
             runs.append(r)
             print(f"rows={n} seconds={r['seconds']:.1f} rows_per_s={n / r['seconds']:.0f} "
-                  f"peak_rss_mb={r['peak_rss_mb']:.0f} (kept {s['sft/train_rows'] + s['sft/eval_rows']:.0f}, "
+                  f"cpu_seconds={r['cpu_seconds']:.0f} peak_rss_mb={r['peak_rss_mb']:.0f} "
+                  f"(kept {s['sft/train_rows'] + s['sft/eval_rows']:.0f}, "
                   f"exact {s['sft/duplicates_removed']:.0f}, near {s['sft/near_duplicates_removed']:.0f}, "
                   f"contaminated {s['sft/contaminated_removed']:.0f})", flush=True)
         medians[n] = statistics.median(r["seconds"] for r in runs)
         if args.repeats > 1:
             print(f"median rows={n} seconds={medians[n]:.1f} rows_per_s={n / medians[n]:.0f} "
+                  f"cpu_seconds={statistics.median(r['cpu_seconds'] for r in runs):.0f} "
                   f"peak_rss_mb={statistics.median(r['peak_rss_mb'] for r in runs):.0f}", flush=True)
     if len(medians) > 1:
         small, large = min(medians), max(medians)

@@ -10,6 +10,7 @@ calls them, one batch at a time; the sum is a little below the stage's own time 
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import sys
@@ -25,10 +26,10 @@ from bench.data_prep import make_rows  # noqa: E402
 
 def main() -> None:
     import orjson
-    import pyarrow.parquet as pq
+    import pyarrow.feather  # noqa: F401  (imported before the clock, as in a worker after its first batch)
 
     from tasks.blocks import dedup
-    from tasks.blocks.data_batches import _uses_tools, compared_words
+    from tasks.blocks.data_batches import _uses_tools, compared_words, write_part
     from tasks.blocks.shapes import normalize, row_text
     from tasks.kinds.prepare_data import DataConfig
     from tasks.machinery.splits import rows_table, schema
@@ -58,26 +59,32 @@ def main() -> None:
         seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started
         return result
 
+    def one_batch(first: int, batch: list[bytes], out: str) -> None:
+        records = step("parse JSON", lambda: [orjson.loads(x) for x in batch])
+        rows = step("normalize", lambda: [normalize("sft", r, "row") for r in records])
+        texts = step("row text", lambda: [row_text(r) for r in rows])
+        words = step("words", lambda: [dedup.words(t) for t in texts])
+        step("contamination scan", lambda: [contamination.matches(w, None) for w in words])
+        step("tool use, turn counts", lambda: [(_uses_tools(r), any(m["weight"] == 0 for m in r["completion"]))
+                                               for r in rows])
+        step("exact key", lambda: [dedup.exact_key(orjson.dumps(r, option=orjson.OPT_SORT_KEYS)) for r in rows])
+        compared = step("compared words", lambda: [compared_words(r, near, t, w)
+                                                   for r, t, w in zip(rows, texts, words)])
+        for number, r in zip(itertools.count(first), rows):
+            r["task"], r["source"], r["row"] = "chat", 0, number
+        table = step("Arrow table", lambda: rows_table(rows, schema("sft")))
+        step("scratch part", lambda: write_part(table, f"{out}/part.arrow"))
+        flat, sizes = step("shingle sets", lambda: dedup.shingle_sets([c for c in compared if c], near["shingle"]))
+        step("frequent shingles", lambda: dedup.document_frequency(flat, max(2, -(-len(rows) // 100))))
+        step("MinHash + LSH bands", lambda: dedup.band_hashes(flat, sizes, near_cfg.num_perm, bands,
+                                                              rows_per_band, 0))
+
+    gc.disable()  # as the stage's batches run (data_batches.without_cyclic_gc)
     with tempfile.TemporaryDirectory() as out:
+        one_batch(0, lines[:100], out)  # untimed: one-time set-up (pyarrow's first table takes ~0.25 s)
+        seconds.clear()
         for first in range(0, len(lines), args.batch):
-            batch = lines[first: first + args.batch]
-            records = step("parse JSON", lambda: [orjson.loads(x) for x in batch])
-            rows = step("normalize", lambda: [normalize("sft", r, "row") for r in records])
-            texts = step("row text", lambda: [row_text(r) for r in rows])
-            words = step("words", lambda: [dedup.words(t) for t in texts])
-            step("contamination scan", lambda: [contamination.matches(w, None) for w in words])
-            step("tool use, turn counts", lambda: [(_uses_tools(r), any(m["weight"] == 0 for m in r["completion"]))
-                                                   for r in rows])
-            step("exact key", lambda: [dedup.exact_key(orjson.dumps(r, option=orjson.OPT_SORT_KEYS)) for r in rows])
-            compared = step("compared words", lambda: [compared_words(r, near, t, w)
-                                                       for r, t, w in zip(rows, texts, words)])
-            for number, r in zip(itertools.count(first), rows):
-                r["task"], r["source"], r["row"] = "chat", 0, number
-            step("Parquet part", lambda: pq.write_table(rows_table(rows, schema("sft")), f"{out}/part.parquet"))
-            flat, sizes = step("shingle sets", lambda: dedup.shingle_sets([c for c in compared if c], near["shingle"]))
-            step("frequent shingles", lambda: dedup.document_frequency(flat, max(2, -(-len(rows) // 100))))
-            step("MinHash + LSH bands", lambda: dedup.band_hashes(flat, sizes, near_cfg.num_perm, bands,
-                                                                  rows_per_band, 0))
+            one_batch(first, lines[first: first + args.batch], out)
     total = sum(seconds.values())
     for name, spent in seconds.items():
         print(f"{name:22s} {spent / len(lines) * 1e6:6.1f} us/row  {100 * spent / total:4.1f}%")

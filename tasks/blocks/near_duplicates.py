@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.blocks.data_batches import BOILERPLATE_MIN_ROWS, compared_words, without_cyclic_gc
+from tasks.blocks.data_batches import BOILERPLATE_MIN_ROWS, compared_words, read_part, without_cyclic_gc
 
 
 class NearDuplicates:
@@ -107,7 +107,7 @@ class NearDuplicates:
 
 @dataclass
 class _SetsJob:
-    path: str  # a Parquet part
+    path: str  # a scratch part (write_part)
     rows: np.ndarray  # indices into the part, ascending
     boilerplate: np.ndarray
     near: dict
@@ -120,18 +120,15 @@ def part_sets(job: _SetsJob) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
     """(the given rows whose shingle set is not empty once the boilerplate is left out, their sets as flat values
     and offsets, their LSH band hashes when asked for). Recomputed from the stored rows: cheaper than writing
     every row's set during the first pass, when only the rows LSH proposes are verified."""
-    import pyarrow.parquet as pq
-
     from tasks.blocks import dedup
 
     near = job.near
     no_bands = np.zeros((0, near["bands"]), dtype=np.uint64) if job.bands else None
     stored = []
     if len(job.rows):
-        parquet = pq.ParquetFile(job.path)
-        columns = [name for name in ("text", "prompt", "completion", "chosen", "rejected")
-                   if name in parquet.schema_arrow.names]
-        stored = parquet.read(columns=columns).take(job.rows).to_pylist()
+        part = read_part(job.path)
+        columns = [name for name in ("text", "prompt", "completion", "chosen", "rejected") if name in part.column_names]
+        stored = part.select(columns).take(job.rows).to_pylist()
     word_lists, rows = [], []
     for row, record in zip(job.rows.tolist(), stored):
         compared = compared_words(record, near)

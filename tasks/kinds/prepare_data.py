@@ -39,8 +39,8 @@ from pydantic import Field
 
 from tasks.machinery.stagekind import StageKind
 from tasks.blocks.data_batches import (BATCH_REASONS, BOILERPLATE_MIN_ROWS, REASONS, SAMPLES_PER_REASON,
-                                       TRAINING_KINDS, BatchJob, BatchPool, uniform, worker_count, row_text,
-                                       write_splits)
+                                       TRAINING_KINDS, BatchJob, BatchPool, read_part, uniform, worker_count,
+                                       row_text, write_splits)
 from tasks.blocks.near_duplicates import NearDuplicates
 from tasks.blocks.shapes import DataError, normalize, prompt_text
 from tasks.machinery.sources import DatasetSource
@@ -166,7 +166,7 @@ def prepare_data(cfg: DataConfig, out: Path, seed: int, revisions: dict[str, str
                     src_dict = {"source": src.source, "tag": src.tag(), "columns": src.columns}
                     for batch in read_batches(src, revisions.get(f"{kind}.{index}"), cfg.batch_rows,
                                               raw_lines=True):
-                        yield BatchJob(kind, index, src_dict, batch, str(scratch / f"{kind}-{part:06d}.parquet"),
+                        yield BatchJob(kind, index, src_dict, batch, str(scratch / f"{kind}-{part:06d}.arrow"),
                                    settings)
                         part += 1
 
@@ -258,13 +258,11 @@ class _Gathered:
 
     def rows_at(self, indices) -> dict[int, dict]:
         """The stored rows at these indices (reading order), for samples."""
-        import pyarrow.parquet as pq
-
         wanted, found, start = sorted(set(int(i) for i in indices)), {}, 0
         for path, length in self.parts:
             mine = [i for i in wanted if start <= i < start + length]
             if mine:
-                table = pq.read_table(path)
+                table = read_part(path)
                 for i in mine:
                     found[i] = table.slice(i - start, 1).to_pylist()[0]
             start += length
