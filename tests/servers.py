@@ -67,17 +67,24 @@ class Server:
             stop_process_group(self.proc)
 
 
-def stop_process_group(proc: subprocess.Popen, grace: float = 20) -> None:
-    """SIGTERM a process started with start_new_session=True and its children; SIGKILL them after `grace`
-    seconds (a Prefect worker can take longer than that to shut down)."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+# A `prefect worker start` (Prefect 3.9 here) did not exit within 90 s of SIGTERM or SIGINT, idle: waiting
+# for it only delays the teardown, so workers get a short grace before SIGKILL.
+WORKER_GRACE = 5
+
+
+def stop_process_group(*procs: subprocess.Popen, grace: float = 20) -> None:
+    """SIGTERM processes started with start_new_session=True and their children; SIGKILL those still running
+    `grace` seconds later (one deadline for all of them)."""
+    running = [proc for proc in procs if proc.poll() is None]
+    for proc in running:
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in running:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def start_moto(work: Path) -> tuple[Server, dict]:

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.e2e.test_graph_runs import graph_recipe
-from tests.servers import ROOT, stop_process_group
+from tests.servers import ROOT, WORKER_GRACE, stop_process_group
 
 pytestmark = pytest.mark.services
 POOL = "svc-branches"
@@ -56,7 +56,7 @@ def test_two_branches_on_a_pool_overlap_and_match_a_local_run(services, tmp_path
         gate.touch()
         assert run.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-3000:]
     finally:
-        stop_process_group(worker)
+        stop_process_group(worker, grace=WORKER_GRACE)
 
     local = _run({**env, "POSTTRAIN_HOME": str(tmp_path / "local-home")}, "run", "--config", recipe,
                  "--summary-json", str(tmp_path / "local.json"), "--set", f"storage.root={tmp_path / 'local-store'}")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.servers import task_run_states, tiny_stages
+from tests.servers import WORKER_GRACE, stop_process_group, task_run_states, tiny_stages
 
 from .conftest import ACCESS_KEY, MLFLOW_PASSWORD, ROOT, SECRET
 
@@ -46,13 +46,7 @@ def worker(services):
                                       env=services["env"], cwd=ROOT, stdout=open(log, "w"),
                                       stderr=subprocess.STDOUT, start_new_session=True))
     yield services["work"] / "worker-svc-cpu.log"
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    stop_process_group(*procs, grace=WORKER_GRACE)
 
 
 @pytest.fixture(scope="module")
